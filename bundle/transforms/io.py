@@ -1,0 +1,506 @@
+"""Chest X-ray loading: PNG/JPEG/DICOM (incl. compressed) -> float32 (H, W) in [0, 1], display convention.
+
+Display convention: bone and effusion bright, aerated lung dark (what a radiologist sees on screen).
+
+DICOM rules (docs/image_pipeline.md explains the why):
+  stored values -> Modality LUT (Modality LUT Sequence, else Rescale Slope/Intercept; pydicom.apply_modality_lut)
+  -> VOI LUT (VOI LUT Sequence preferred, else the FIRST Window Center/Width pair; pydicom.apply_voi_lut)
+  -> scaled to [0, 1] by the VOI output range (window: pydicom's y_min..y_max; LUT: the LUT data's min..max)
+     or, without any VOI, min-max over the image
+  -> inverted once when PhotometricInterpretation is MONOCHROME1 or PresentationLUTShape is INVERSE.
+All of these are point operations of the stored value, so they are evaluated with pydicom's own functions on a
+ramp of every possible stored value and applied as one float32 lookup table (np.take): identical results to the
+per-pixel float64 path, several times faster, and no float64 copies of the image.
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from typing import Any, Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from PIL import Image
+
+__all__ = [
+    "CXRLoadError",
+    "load_cxr",
+    "parse_dicom_age",
+    "LoadCXRd",
+    "RADIOGRAPH_MODALITIES",
+    "content_size",
+]
+
+# Projection radiography modalities. "DR" and "RG" are retired / non-standard but found in the wild; OT is what
+# secondary captures and many converted datasets carry; an empty Modality is tolerated.
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG", "OT", ""})
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIG = b"\xff\xd8\xff"
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
+_JPEG_BASELINE_UID = "1.2.840.10008.1.2.4.50"
+_J2K_UIDS = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+
+
+class CXRLoadError(ValueError):
+    """An image could not be loaded as a chest radiograph; the message names the file, the problem and a fix."""
+
+
+def _err(path, problem: str, fix: str) -> CXRLoadError:
+    return CXRLoadError(f"{path}: {problem}. {fix}")
+
+
+# ----------------------------------------------------------------------------------------------- metadata
+def parse_dicom_age(value: Any) -> float | None:
+    """DICOM AS string ("045Y", "006M", "010W", "003D"; also "45", "45Y") -> age in years, None if unparsable."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if np.isfinite(value) and value >= 0 else None
+    s = str(value).strip().upper()
+    if not s:
+        return None
+    unit = "Y"
+    if s[-1] in "YMWD":
+        unit, s = s[-1], s[:-1].strip()
+    try:
+        n = float(s)
+    except ValueError:
+        return None
+    if not np.isfinite(n) or n < 0:
+        return None
+    return {"Y": n, "M": n / 12.0, "W": n * 7.0 / 365.25, "D": n / 365.25}[unit]
+
+
+def _parse_sex(value: Any) -> str | None:
+    s = str(value or "").strip().upper()
+    return s if s in ("M", "F") else None
+
+
+def _dicom_meta(ds, path) -> dict:
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
+    return {
+        "format": "dicom",
+        "sex": _parse_sex(ds.get("PatientSex")),
+        "age": parse_dicom_age(ds.get("PatientAge")),
+        "modality": str(ds.get("Modality", "") or "").strip().upper() or None,
+        "view": view,
+        "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None,
+        "orig_size": (int(ds.Rows), int(ds.Columns)),
+        "pixel_spacing": [float(v) for v in spacing] if spacing else None,
+        "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "") or None,
+        "path": os.fspath(path),
+    }
+
+
+def content_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """(h', w') of an h x w image resized so its longer side is ``size`` (MONAI Resize size_mode="longest" rounding)."""
+    scale = size / max(h, w)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+# ----------------------------------------------------------------------------------------------- resizing
+def _resize_area(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Area (box) downsampling of a float32 (H, W) image with PIL: integer reduce() first, then an exact BOX resize.
+
+    PIL's BOX filter weights partially covered source pixels, i.e. it is true area averaging; reduce() by the integer
+    part of the factor first is the same average computed faster.
+    """
+    h, w = hw
+    if img.shape == (h, w):
+        return img
+    pim = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    fy, fx = img.shape[0] // h, img.shape[1] // w
+    f = min(fx, fy)
+    if f >= 2 and img.shape[0] % f == 0 and img.shape[1] % f == 0:
+        pim = pim.reduce(f)
+    out = np.asarray(pim.resize((w, h), Image.Resampling.BOX), dtype=np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- PNG / JPEG
+def _load_pil(path, kind: str, target_size: int | None):
+    try:
+        with Image.open(path) as im:
+            full_size = (im.size[1], im.size[0])
+            if kind == "jpeg" and target_size:
+                # DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale still >= the target size.
+                im.draft("L", (target_size, target_size))
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+                arr = np.asarray(im, dtype=np.uint16).astype(np.float32) / 65535.0
+            elif mode == "I":
+                # 16-bit greyscale PNGs open as "I" in some Pillow builds; their range is still 16 bits.
+                arr = np.asarray(im, dtype=np.float32)
+                arr = arr / (65535.0 if arr.max(initial=0) <= 65535 else float(arr.max()))
+            elif mode == "F":
+                arr = np.asarray(im, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+            else:
+                if mode in ("LA", "La"):
+                    im = im.getchannel(0)
+                elif mode != "L":
+                    im = im.convert("L")  # RGB/RGBA/P/1/CMYK -> ITU-R 601 luma, alpha ignored
+                arr = np.asarray(im, dtype=np.float32) / 255.0
+    except CXRLoadError:
+        raise
+    except Exception as e:  # PIL raises OSError/SyntaxError/ValueError variants for damaged files
+        raise _err(path, f"unreadable {kind.upper()} ({type(e).__name__}: {e})",
+                   "The file is damaged or truncated; re-export or re-download it, or drop it from the datalist") from e
+    meta = {"format": kind, "sex": None, "age": None, "modality": None, "view": None,
+            "photometric": "MONOCHROME2", "orig_size": full_size, "pixel_spacing": None,
+            "transfer_syntax": None, "path": os.fspath(path)}
+    return arr, meta
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+def _read_dicom(path):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError:
+        pass  # no 128-byte preamble + "DICM": may still be a raw dataset, try below
+    except Exception as e:
+        raise _err(path, f"DICOM header could not be parsed ({type(e).__name__}: {e})",
+                   "The file is truncated or damaged; re-export it from the PACS or drop it from the datalist") from e
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, force=True)
+        ok = "PixelData" in ds and "Rows" in ds
+    except Exception:
+        ok = False
+    if not ok:
+        raise _err(path, "not a DICOM file (no 'DICM' marker and not a readable raw DICOM dataset)",
+                   "Check that the path points to the image and not to a report/text file; rename PNG/JPEG files "
+                   "with their real extension")
+    return ds
+
+
+def _check_dicom(ds, path):
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    if modality not in RADIOGRAPH_MODALITIES:
+        raise _err(path, f"Modality '{modality}' is not a projection radiograph (expected one of CR, DX, DR, RG, OT)",
+                   "Remove this series from the datalist; CT/MR/US/NM/PT/MG images are not chest radiographs")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise _err(path, "DICOM has no Pixel Data (7FE0,0010)",
+                   "This is a non-image object (report, presentation state, ...); point the datalist at the image")
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise _err(path, "DICOM lacks Rows/Columns", "The header is damaged; re-export the image")
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if nframes > 1:
+        raise _err(path, f"multi-frame DICOM ({nframes} frames); a chest radiograph has one frame",
+                   "Extract the frame you want (e.g. with pydicom: ds.pixel_array[i]) into its own file")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if spp != 1 and pi in ("MONOCHROME1", "MONOCHROME2"):
+        raise _err(path, f"SamplesPerPixel={spp} contradicts PhotometricInterpretation {pi}",
+                   "Fix the header or re-export the image")
+
+
+def _j2k_codestream_info(cs: bytes) -> dict | None:
+    """Precision, signedness, components and decomposition levels from a raw J2K codestream's SIZ/COD markers."""
+    if not cs.startswith(_J2K_SOC_SIZ):
+        return None
+    try:
+        lsiz = struct.unpack(">H", cs[4:6])[0]
+        siz = cs[6:4 + lsiz]
+        csiz = struct.unpack(">H", siz[34:36])[0]
+        ssiz = siz[36]
+        info = {"components": csiz, "signed": bool(ssiz & 0x80), "precision": (ssiz & 0x7F) + 1, "levels": None}
+        pos = 4 + lsiz
+        while pos + 4 <= len(cs):
+            marker, length = struct.unpack(">HH", cs[pos:pos + 4])
+            if marker == 0xFF52:  # COD: Scod(1) SGcod(4) SPcod: levels first
+                info["levels"] = cs[pos + 9]
+            elif marker == 0xFF53:  # COC may lower levels for one component; be safe and decline reduction
+                info["levels"] = 0
+            if marker == 0xFF90:  # SOT: main header over
+                break
+            pos += 2 + length
+        return info
+    except (struct.error, IndexError):
+        return None
+
+
+def _dicom_frame_bytes(ds) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _decode_j2k_reduced(ds, target_size: int | None):
+    """Decode a JPEG 2000 frame at a reduced resolution (2^-r) with Pillow/OpenJPEG when the target size allows.
+
+    Returns stored values (integers, same scale as pixel_array) at reduced size, or None to use the full decoder.
+    Only r with Rows and Columns divisible by 2^r is used, so the reduced grid covers exactly the native field
+    of view; r never takes the longer side below the target size.
+    """
+    if not target_size:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    r = 0
+    while max(rows, cols) // (2 ** (r + 1)) >= target_size and rows % 2 ** (r + 1) == 0 and cols % 2 ** (r + 1) == 0:
+        r += 1
+    if r == 0:
+        return None
+    cs = _dicom_frame_bytes(ds)
+    info = _j2k_codestream_info(cs)
+    if not info or info["components"] != 1 or info["signed"] or info["precision"] > 16 or not info["levels"]:
+        return None
+    r = min(r, info["levels"])
+    im = Image.open(io.BytesIO(cs))
+    im.reduce = r
+    im.load()
+    arr = np.asarray(im)
+    if arr.shape != (rows >> r, cols >> r):
+        return None
+    if arr.dtype == np.uint16 and info["precision"] < 16:
+        # Pillow left-aligns n-bit samples in 16 bits; bring them back to stored values (rounded)
+        shift = 16 - info["precision"]
+        arr = ((arr.astype(np.uint32) + (1 << (shift - 1))) >> shift).astype(np.uint16)
+    return arr
+
+
+def _decode_jpeg_draft(ds, target_size: int | None):
+    """8-bit JPEG baseline frame decoded with DCT scaling (Pillow draft) when the target size allows."""
+    if not target_size or int(ds.get("BitsStored", 8)) > 8:
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    k = 0
+    while k < 3 and max(rows, cols) // 2 ** (k + 1) >= target_size and rows % 2 ** (k + 1) == 0 \
+            and cols % 2 ** (k + 1) == 0:
+        k += 1
+    if k == 0:
+        return None
+    im = Image.open(io.BytesIO(_dicom_frame_bytes(ds)))
+    im.draft("L", (cols >> k, rows >> k))
+    im = im.convert("L") if im.mode != "L" else im
+    arr = np.asarray(im)
+    return arr if arr.shape == (rows >> k, cols >> k) else None
+
+
+def _stored_lut(ds, arr: np.ndarray, path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(index array, float32 LUT) so that ``lut[index]`` is every pixel's display value in [0, 1].
+
+    The LUT is built by running pydicom's modality/VOI functions on a ramp of stored values, so it is exactly the
+    per-pixel result; applying it is one np.take over the uint8/uint16 pixels (no float64 image copies).
+    """
+    if arr.dtype in (np.uint8, np.uint16):
+        index = arr
+        ramp = np.arange(int(arr.max()) + 1, dtype=arr.dtype)
+    elif arr.dtype in (np.int8, np.int16):
+        # signed: index by the unsigned view; the ramp lists every signed value in that order
+        udt = np.uint8 if arr.dtype == np.int8 else np.uint16
+        index = arr.view(udt)
+        ramp = np.arange(np.iinfo(udt).max + 1, dtype=udt).view(arr.dtype)
+    else:
+        return None, None
+    present = None
+    if _voi_kind(ds) is None:  # min-max over the values that occur in this image
+        if ds.get("ModalityLUTSequence"):  # arbitrary (maybe non-monotone) table: look at every value present
+            present = np.bincount(index.ravel(), minlength=ramp.size)[: ramp.size] > 0
+        else:  # rescale is monotone: the extremes come from the stored extremes
+            present = (ramp >= arr.min()) & (ramp <= arr.max())
+    return index, _display_lut(ds, ramp, path, present)
+
+
+def _voi_kind(ds) -> str | None:
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        return "lut"
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        return "window"
+    return None
+
+
+def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None) -> np.ndarray:
+    """Stored values -> modality LUT -> VOI LUT (first) -> [0, 1] -> inversion, with pydicom's pixel functions.
+
+    ``present`` (bool over ``values``) restricts the min-max used when the file has no VOI; None = all values.
+    """
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        mod = apply_modality_lut(values, ds)
+        kind = _voi_kind(ds)
+        if kind == "lut":
+            if mod.dtype.kind == "f":  # VOI LUT input must be integral (rescaled values): round, don't truncate
+                mod = np.rint(mod).astype(np.int64)
+            out = np.asarray(apply_voi_lut(mod, ds, index=0, prefer_lut=True), dtype=np.float64)
+            # scale by the LUT's own output extremes (robust to descriptors declaring 16 bits for 12-bit data)
+            first = int(ds.VOILUTSequence[0].LUTDescriptor[1])
+            table = apply_voi_lut(np.arange(2 ** 16, dtype=np.int64) + first, ds, index=0, prefer_lut=True)
+            lo, hi = float(table.min()), float(table.max())
+        elif kind == "window":
+            out = np.asarray(apply_voi_lut(mod, ds, index=0, prefer_lut=True), dtype=np.float64)
+            with np.errstate(over="ignore"):  # probe far outside the window: pydicom's y_min / y_max
+                lo, hi = (float(v) for v in apply_voi_lut(np.array([-1e30, 1e30]), ds, index=0, prefer_lut=True))
+        else:
+            out = np.asarray(mod, dtype=np.float64)
+            sel = out if present is None else out[present]
+            lo, hi = float(sel.min()), float(sel.max())
+    except CXRLoadError:
+        raise
+    except Exception as e:
+        raise _err(path, f"DICOM LUT/window attributes could not be applied ({type(e).__name__}: {e})",
+                   "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width in the header") from e
+    if hi == lo:
+        res = np.zeros(out.shape, np.float32)
+    else:  # lo > hi happens with a negative slope: the division handles the orientation
+        res = ((out - lo) / (hi - lo)).clip(0.0, 1.0).astype(np.float32)
+    if _inverted(ds):
+        res = 1.0 - res
+    return res
+
+
+def _inverted(ds) -> bool:
+    # DX/CR: MONOCHROME1 *requires* PresentationLUTShape INVERSE, both describing the same single inversion,
+    # so invert once if either says so (never twice).
+    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return pi == "MONOCHROME1" or shape == "INVERSE"
+
+
+def _load_dicom(path, target_size: int | None):
+    ds = _read_dicom(path)
+    _check_dicom(ds, path)
+    meta = _dicom_meta(ds, path)
+    ts = meta["transfer_syntax"] or ""
+    arr = None
+    try:
+        if ts in _J2K_UIDS:
+            arr = _decode_j2k_reduced(ds, target_size)
+        elif ts == _JPEG_BASELINE_UID and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+            arr = _decode_jpeg_draft(ds, target_size)
+    except Exception:
+        arr = None  # any trouble with the fast paths: the reference decoder below decides
+    if arr is None:
+        try:
+            arr = ds.pixel_array
+        except Exception as e:
+            raise _err(path, f"pixel data could not be decoded ({type(e).__name__}: {e})",
+                       "The file is truncated/damaged, or its transfer syntax needs a decoder plugin "
+                       "(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle, pyjpegls)") from e
+    if arr.ndim == 3:  # colour secondary capture: luma
+        if arr.shape[-1] not in (3, 4):
+            raise _err(path, f"unexpected pixel array shape {arr.shape}", "Expected a single-frame 2D image")
+        arr = (arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+        lo, hi = float(arr.min()), float(arr.max())
+        return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)), meta
+    index, lut = _stored_lut(ds, arr, path)
+    if lut is not None:
+        img = np.take(lut, index)
+    else:  # float or 32-bit pixel data: apply the same functions per pixel
+        img = _display_lut(ds, arr, path)
+    return img, meta
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def _sniff(path) -> str:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except FileNotFoundError as e:
+        raise _err(path, "file does not exist", "Check the datalist path and its base directory") from e
+    except IsADirectoryError as e:
+        raise _err(path, "is a directory, not an image", "Point the datalist at an image file") from e
+    except OSError as e:
+        raise _err(path, f"cannot be read ({e})", "Check permissions and the storage mount") from e
+    if not head:
+        raise _err(path, "file is empty", "Re-export or re-download the image")
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_PNG_SIG):
+        return "png"
+    if head.startswith(_JPEG_SIG):
+        return "jpeg"
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext in (".png",):
+        raise _err(path, "is named .png but is not a PNG file", "Re-export the image or fix its extension")
+    if ext in (".jpg", ".jpeg"):
+        raise _err(path, "is named .jpg but is not a JPEG file", "Re-export the image or fix its extension")
+    return "dicom"  # .dcm / .dicom / no extension: may be a raw DICOM dataset without preamble
+
+
+def load_cxr(path, return_meta: bool = False, target_size: int | None = None):
+    """Load a chest radiograph as float32 (H, W) in [0, 1], bone bright and lung dark.
+
+    Args:
+        path: PNG (8/16-bit, grey/RGB/RGBA), JPEG, or DICOM (uncompressed, JPEG 2000, JPEG-LS, RLE, JPEG).
+        return_meta: also return a dict with sex ("M"/"F"/None), age (years or None), modality, view,
+            photometric, orig_size (native (H, W)), pixel_spacing, format, transfer_syntax, path.
+        target_size: optional hint: the caller will resize so the longer side is ``target_size``. The result is
+            then already resized (area) to that size, and decoders that can skip detail (JPEG 2000 resolution
+            levels, JPEG DCT scaling) decode only what is needed. Never upsamples. ``meta["orig_size"]`` stays native.
+
+    Raises:
+        CXRLoadError: missing/truncated/unreadable file, non-radiograph modality, multi-frame DICOM, no pixel data.
+    """
+    kind = _sniff(path)
+    if target_size is not None:
+        target_size = int(target_size)
+        if target_size < 1:
+            raise ValueError(f"target_size must be a positive int, got {target_size}")
+    if kind == "dicom":
+        img, meta = _load_dicom(path, target_size)
+    else:
+        img, meta = _load_pil(path, kind, target_size)
+    if target_size:
+        h, w = meta["orig_size"]
+        if max(h, w) > target_size:
+            img = _resize_area(img, content_size(h, w, target_size))
+    img = np.ascontiguousarray(img, dtype=np.float32)
+    return (img, meta) if return_meta else img
+
+
+def _missing(v) -> bool:
+    if v is None:
+        return True
+    if isinstance(v, float) and np.isnan(v):
+        return True
+    return isinstance(v, str) and v.strip().lower() in ("", "unknown", "none", "nan")
+
+
+class LoadCXRd(MapTransform):
+    """Replace image paths by MetaTensor float32 (1, H, W) in [0, 1] (``load_cxr``), display convention.
+
+    Sets ``d["orig_size"] = [H, W]`` (native size, before any resize; from the first key) and fills ``sex``,
+    ``age`` and ``view`` from DICOM metadata where the record lacks them (absent, None or "unknown").
+    The MetaTensor's meta carries ``filename_or_obj`` (the path) so later transforms can name the file in errors.
+    With ``target_size`` the image is already resized so its longer side is ``target_size`` (see load_cxr); the
+    letterbox geometry is still computed from the native ``orig_size``.
+    """
+
+    def __init__(self, keys: KeysCollection = ("image",), target_size: int | None = None,
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.target_size = target_size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        d = dict(data)
+        for i, key in enumerate(self.key_iterator(d)):
+            path = d[key]
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"LoadCXRd: d[{key!r}] must be a file path, got {type(path).__name__}")
+            img, meta = load_cxr(path, return_meta=True, target_size=self.target_size)
+            d[key] = MetaTensor(torch.from_numpy(img[None]), meta={
+                "filename_or_obj": os.fspath(path), "spatial_shape": np.asarray(meta["orig_size"]),
+                "original_channel_dim": "no_channel"})
+            if i == 0:
+                d["orig_size"] = [int(meta["orig_size"][0]), int(meta["orig_size"][1])]
+                for field in ("sex", "age", "view"):
+                    if _missing(d.get(field)) and meta.get(field) is not None:
+                        d[field] = meta[field]
+        return d
