@@ -1,0 +1,240 @@
+"""Fairness + alignment evaluation of a checkpoint on named splits (configs/evaluate.yaml, and the end of training).
+
+For each split the MONAI ``AlignmentEvaluator`` runs with the collection metrics of ``bundle.handlers``
+(every sample exactly once, also under torch.distributed); then ``bundle.metrics`` computes the subgroup
+report with thresholds chosen on the validation split, and a report folder is written per split:
+
+    <output_dir>/<split>/fairness_report.json   the full nested report (CIs, gaps, exclusions, thresholds)
+    <output_dir>/<split>/fairness_report.csv    one row per class x attribute x group (and gap rows)
+    <output_dir>/<split>/predictions.csv        one row per image: metadata, labels, scores, decisions, hits
+    <output_dir>/<split>/plots/*.png            per-group AUC with CIs; attention overlays of positives
+    <output_dir>/summary.json                   headline numbers of every split
+
+All files are written atomically and logged to MLflow (metrics + artifacts) when a tracking URI is given.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset, DistributedSampler
+
+from bundle.engines import AlignmentEvaluator
+from bundle.handlers import AlignmentFairnessMetric, MeanAUC, PredictionCollector, _rank
+from bundle.workflow import split_records
+
+logger = logging.getLogger("bundle")
+
+__all__ = ["collect_split", "evaluate", "load_checkpoint", "write_text_atomic"]
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(network: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:
+    """Load a state_dict (models/model.pt) into the network, with an error that says what to do."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"checkpoint {path!r} not found: train first (python -m monai.bundle run training --config_file "
+            f"configs/train.yaml) or pass --ckpt_path /path/to/model.pt"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    getattr(network, "module", network).load_state_dict(state, strict=strict)
+    return network
+
+
+class OverlaySampler:
+    """Keeps the first ``n`` positive, annotated (sample, class) pairs seen: image, attention, mask (rank 0)."""
+
+    def __init__(self, n: int = 16):
+        self.n, self.samples = n, []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        if len(self.samples) >= self.n or _rank() != 0:
+            return
+        o = engine.state.output
+        if "attn" not in o or "attn_mask" not in o:
+            return
+        label, mask = o["label"].cpu(), o["attn_mask"].cpu()
+        for b, c in zip(*torch.nonzero((label == 1) & (mask.flatten(2).amax(-1) > 0), as_tuple=True)):
+            if len(self.samples) >= self.n:
+                break
+            self.samples.append({
+                "index": int(o["index"][b]), "class_index": int(c), "score": float(o["pred"][b, c]),
+                "image": o["image"][b, 0].cpu().numpy(), "attn": o["attn"][b, c].cpu().numpy(),
+                "mask": mask[b, c].numpy(),
+            })
+
+
+def collect_split(network, records, preprocessing, device, batch_size: int = 64, num_workers: int = 0,
+                  amp: bool = False, n_overlays: int = 16, classes: Sequence[str] | None = None) -> dict:
+    """Run the evaluator over one split: arrays sorted by index (pred, label, hit, mass), overlays, mean AUC."""
+    ds = Dataset(data=list(records), transform=preprocessing)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    sampler = DistributedSampler(ds, even_divisible=False, shuffle=False) if dist else None
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers)
+    collector, overlays = PredictionCollector(), OverlaySampler(n_overlays)
+    evaluator = AlignmentEvaluator(
+        device=device, val_data_loader=loader, network=network, key_val_metric={"mean_auc": MeanAUC()},
+        additional_metrics={"collected": collector}, val_handlers=[overlays], amp=amp,
+    )
+    evaluator.run()
+    return {"arrays": collector.last, "mean_auc": float(evaluator.state.metrics["mean_auc"]),
+            "overlays": overlays.samples}
+
+
+def _metadata_columns(records, index) -> dict[str, list]:
+    cols = {k: [] for k in ("image", "patient_id", "sex", "age", "dataset", "view")}
+    for i in index:
+        r = records[int(i)]
+        for k in cols:
+            cols[k].append(r.get(k))
+    return cols
+
+
+def _predictions_csv(records, classes, arrays, thresholds, age_group_labels) -> str:
+    idx = arrays["index"]
+    meta = _metadata_columns(records, idx)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    head = ["index", *meta.keys(), "age_group"]
+    for c in classes:
+        head += [f"label_{c}", f"score_{c}", f"decision_{c}"] + ([f"hit_{c}"] if "hit" in arrays else [])
+    w.writerow(head)
+    for row in range(len(idx)):
+        vals = [int(idx[row]), *(meta[k][row] for k in meta), age_group_labels[row]]
+        for ci in range(len(classes)):
+            s = float(arrays["pred"][row, ci])
+            vals += [int(arrays["label"][row, ci]), f"{s:.6f}", int(s >= thresholds[ci])]
+            if "hit" in arrays:
+                h = arrays["hit"][row, ci]
+                vals.append("" if math.isnan(h) else int(h))
+        w.writerow(vals)
+    return buf.getvalue()
+
+
+def evaluate(
+    network: torch.nn.Module,
+    datalist: Mapping,
+    preprocessing,
+    output_dir: str,
+    splits: Sequence[str] = ("test", "test_ood"),
+    threshold: str = "val_f1",
+    threshold_split: str = "validation",
+    attributes: Sequence[str] = ("sex", "age"),
+    age_scheme="chexclusion",
+    n_boot: int = 1000,
+    min_count: int = 5,
+    seed: int = 0,
+    device=None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp: bool = False,
+    ckpt_path: str | None = None,
+    n_overlays: int = 16,
+    mlflow_logger=None,
+) -> dict:
+    """Evaluate ``network`` on ``splits``; thresholds from ``threshold_split`` (validation) for "val_*" methods.
+
+    Returns ``{split: {"report_dir", "mean_auc", "hit_rate", ...}}`` (also written to summary.json).
+    ``mlflow_logger`` is a started ``SafeMLFlowHandler`` (metrics and artifacts go to its run) or None.
+    """
+    from bundle import metrics as M
+    from bundle import plots
+
+    classes = list(datalist["classes"])
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if ckpt_path:
+        load_checkpoint(network, ckpt_path)
+    network = network.to(device)
+    group_metric = AlignmentFairnessMetric(records=[], classes=classes, attributes=attributes, age_scheme=age_scheme)
+    val = None
+    if threshold.startswith("val_"):
+        val_records = split_records(datalist, threshold_split)
+        got = collect_split(network, val_records, preprocessing, device, batch_size, num_workers, amp, 0)
+        val = (got["arrays"]["label"], got["arrays"]["pred"])
+    summary: dict = {}
+    for split in splits:
+        records = split_records(datalist, split)
+        logger.info(f"evaluating {split} ({len(records)} images)")
+        got = collect_split(network, records, preprocessing, device, batch_size, num_workers, amp, n_overlays)
+        if _rank() != 0:
+            continue
+        arrays = got["arrays"]
+        group_metric.records = records
+        groups, pids = group_metric.groups_for(arrays["index"])
+        report = M.fairness_report(arrays["label"], arrays["pred"], groups=groups, classes=classes, patient_id=pids,
+                                   threshold=threshold, val=val, n_boot=n_boot, min_count=min_count, seed=seed)
+        if "hit" in arrays:
+            report["alignment"] = M.hit_rate_report(hits=arrays["hit"], labels=arrays["label"], classes=classes,
+                                                    groups=groups, patient_id=pids, n_boot=n_boot, seed=seed)
+            mass = arrays["mass"]
+            report["alignment"]["attention_mass_in_mask"] = {
+                c: (float(np.nanmean(mass[:, i])) if np.isfinite(mass[:, i]).any() else None)
+                for i, c in enumerate(classes)}
+        out = os.path.join(output_dir, split)
+        thresholds = [report["thresholds"][c]["value"] for c in classes]
+        write_text_atomic(os.path.join(out, "fairness_report.json"), json.dumps(report, indent=1, default=_json))
+        write_text_atomic(os.path.join(out, "fairness_report.csv"), _rows_csv(M.report_to_rows(report)))
+        age_lab = list(M.age_groups([r if r is not None else np.nan for r in _metadata_columns(
+            records, arrays["index"])["age"]], scheme=age_scheme))
+        write_text_atomic(os.path.join(out, "predictions.csv"),
+                          _predictions_csv(records, classes, arrays, thresholds, age_lab))
+        pngs = plots.group_metric_plots(report, os.path.join(out, "plots"), title=split)
+        if got["overlays"]:
+            pngs.append(plots.attention_overlays(got["overlays"], classes, os.path.join(out, "plots",
+                                                                                         "attention_overlays.png"),
+                                                 title=f"{split}: attention on positive, annotated findings"))
+        flat = M.flatten_for_mlflow(report, prefix=f"{split}_")
+        flat[f"{split}_mean_auc"] = got["mean_auc"]
+        if "hit" in arrays:
+            flat[f"{split}_hit_rate"] = float(np.nanmean(arrays["hit"])) if np.isfinite(arrays["hit"]).any() else math.nan
+            flat[f"{split}_attn_mass"] = float(np.nanmean(arrays["mass"])) if np.isfinite(arrays["mass"]).any() else math.nan
+        summary[split] = {"report_dir": out, "n": int(len(arrays["index"])), **flat}
+        if mlflow_logger is not None and mlflow_logger.cur_run is not None:
+            mlflow_logger._guard(mlflow_logger._log_metrics, {k: v for k, v in flat.items() if _finite(v)}, None)
+            mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
+    if _rank() == 0:
+        write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=1, default=_json))
+        if mlflow_logger is not None:
+            mlflow_logger.log_artifact(os.path.join(output_dir, "summary.json"), artifact_path="evaluation")
+    return summary
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _json(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _rows_csv(rows: Sequence[Mapping]) -> str:
+    buf = io.StringIO()
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
