@@ -62,7 +62,9 @@ class AlignmentLoss(nn.Module):
                 f"{tuple(pred.shape)} and {tuple(target.shape)}"
             )
         if tuple(select.shape) != tuple(pred.shape[:2]):
-            raise ValueError(f"AlignmentLoss select must be (B, C) = {tuple(pred.shape[:2])}, got {tuple(select.shape)}")
+            raise ValueError(
+                f"AlignmentLoss select must be (B, C) = {tuple(pred.shape[:2])}, got {tuple(select.shape)}"
+            )
         sel = _as_flags(select.to(pred.device))
         if not bool(sel.any()):
             zero = pred.sum() * 0.0
@@ -137,7 +139,8 @@ class AlignerLoss(nn.Module):
         label = label.to(device=logits.device, dtype=logits.dtype)
         known = label >= 0  # -1 (and NaN) = unknown
         pw = None if self.pos_weight is None else self.pos_weight.to(logits.device, logits.dtype)
-        ce = F.binary_cross_entropy_with_logits(logits, label.clamp(0, 1).nan_to_num(0.0), reduction="none", pos_weight=pw)
+        target = label.clamp(0, 1).nan_to_num(0.0)
+        ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pw)
         ce = torch.where(known, ce, torch.zeros_like(ce))  # where(), not *: keeps a NaN/inf at unknowns out of grads
         if not bool(known.any()):
             return logits.sum() * 0.0

@@ -1,7 +1,8 @@
 """AlignerVLM: a KAD-style chest X-ray vision-language classifier whose per-class attention can be aligned.
 
 image (B, 1, S, S) -> ViT patch tokens (B, N, D_img) -> Linear -> LayerNorm -> memory (B, N, d)
-class prompts -> BERT -> pooled (C, D_txt) -> MLP (Linear-GELU-Linear) -> LayerNorm -> queries (C, d), shared by the batch
+class prompts -> BERT -> pooled (C, D_txt) -> MLP (Linear-GELU-Linear) -> LayerNorm -> queries (C, d), shared by
+the whole batch
 fusion: pre-norm transformer decoder (self-attention over queries, cross-attention to patches, FFN) x L
 outputs: logits (B, C); attn (B, C, h, w) = last layer's cross-attention, head-averaged, softmax over patches;
          attn_refined (B, C, h, w) in [0, 1] = the attention aligner head applied to attn.
@@ -187,7 +188,9 @@ def _resolve_prompts(classes: Sequence[str], prompts) -> list[str]:
     if isinstance(prompts, Mapping):
         missing = [c for c in classes if c not in prompts]
         if missing:
-            raise ValueError(f"networks prompts: no prompt for classes {missing}; give one per class in {list(classes)}")
+            raise ValueError(
+                f"networks prompts: no prompt for classes {missing}; give one per class in {list(classes)}"
+            )
         return [str(prompts[c]) for c in classes]
     prompts = [str(p) for p in prompts]
     if len(prompts) != len(classes):
@@ -238,7 +241,9 @@ def _adapt_vit_channels(vit: ViTModel, in_channels: int) -> None:
     if have == in_channels:
         return
     if in_channels != 1:
-        raise ValueError(f"pretrained ViT has {have} input channels; in_channels={in_channels} is not supported (use 1)")
+        raise ValueError(
+            f"pretrained ViT has {have} input channels; in_channels={in_channels} is not supported (use 1)"
+        )
     old = pe.projection
     new = nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
     new.weight.copy_(old.weight.sum(dim=1, keepdim=True))

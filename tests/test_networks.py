@@ -160,7 +160,11 @@ def _save_tiny_bert(path, prompts):
     tok = build_prompt_tokenizer(prompts)
     torch.manual_seed(3)
     cfg = BertConfig(
-        vocab_size=len(tok.get_vocab()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
     )
     model = BertModel(cfg)
     model.save_pretrained(path)
