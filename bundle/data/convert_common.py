@@ -174,7 +174,7 @@ def read_csv(path: str | os.PathLike, **kw) -> pd.DataFrame:
     """pandas.read_csv with every column as text (parsed and counted afterwards) and a clear error on failure."""
     kw.setdefault("dtype", str)
     kw.setdefault("keep_default_na", False)
-    kw.setdefault("na_values", [""])
+    kw.setdefault("na_values", ["", "nan", "NaN"])
     try:
         return pd.read_csv(path, **kw)
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
@@ -498,7 +498,7 @@ def _save_datalist(datalist: dict, path: Path):
     except ImportError:
         save = None
     if save is not None:
-        save(datalist, path)
+        save(datalist, path, indent=None)
     else:
         write_json_atomic(datalist, path)
 
@@ -547,6 +547,71 @@ def check_images(records: list[dict], report: ConversionReport) -> list[dict]:
     return keep
 
 
+# ---------------------------------------------------------------------------------------------- geometry
+def _clip_shape(a: dict) -> dict | None:
+    """The shape clipped to its frame (or to [0, 1] when normalised); None if nothing is left inside."""
+    if a.get("normalized"):
+        fw = fh = 1.0
+    else:
+        fr = a.get("frame")
+        if not fr:
+            return a
+        fw, fh = float(fr[0]), float(fr[1])
+    t, c = a["type"], a["coords"]
+
+    def cx(v):
+        return min(max(v, 0.0), fw)
+
+    def cy(v):
+        return min(max(v, 0.0), fh)
+
+    if t == "bbox_xywh":
+        if c[0] >= 0 and c[1] >= 0 and c[0] + c[2] <= fw and c[1] + c[3] <= fh:
+            return a  # inside: untouched (x + w - x would not round-trip exactly)
+        x0, y0, x1, y1 = cx(c[0]), cy(c[1]), cx(c[0] + c[2]), cy(c[1] + c[3])
+        new = [x0, y0, x1 - x0, y1 - y0]
+        if new[2] <= 0 or new[3] <= 0:
+            return None
+    elif t in ("bbox_xyxy", "ellipse_bbox"):
+        new = [cx(c[0]), cy(c[1]), cx(c[2]), cy(c[3])]
+        if new[2] <= new[0] or new[3] <= new[1]:
+            return None
+    elif t == "polygon":
+        new = [[cx(x), cy(y)] for x, y in c]
+    elif t == "point_radius":
+        new = [cx(c[0]), cy(c[1]), c[2]]
+    else:
+        return a
+    if new == list(c):
+        return a
+    return dict(a, coords=new, clipped=True)
+
+
+def clip_attention(records: Iterable[dict], report: ConversionReport):
+    """Clip shapes that overshoot their frame (annotation tools let boxes run past the image edge).
+
+    The datalist validator rejects coordinates outside the frame; clipping keeps the part inside the image,
+    marks the shape ``"clipped": true`` and is counted; shapes with nothing inside are dropped (counted).
+    """
+    clipped, dropped = [], []
+    for r in records:
+        att = r.get("attention")
+        if not att:
+            continue
+        new = []
+        for a in att:
+            b = _clip_shape(a)
+            if b is None:
+                dropped.append({"patient_id": r.get("patient_id"), "class": a["class"], "coords": a["coords"]})
+            else:
+                if b is not a:
+                    clipped.append({"patient_id": r.get("patient_id"), "class": a["class"], "coords": a["coords"]})
+                new.append(b)
+        r["attention"] = new
+    report.add("attention shape overshooting its frame", len(clipped), clipped, "clipped to the frame")
+    report.add("attention shape entirely outside its frame", len(dropped), dropped, "dropped")
+
+
 # ------------------------------------------------------------------------------------------------ finalize
 def finalize(
     records: list[dict],
@@ -570,6 +635,7 @@ def finalize(
         raise ConversionError(f"{name}: no records left to write; see the report:\n{report.format()}")
     if check:
         records = check_images(records, report)
+    clip_attention(records, report)
     classes = list(classes or CLASSES)
     if classes != list(CLASSES):
         records = select_classes(records, CLASSES, classes)

@@ -13,7 +13,8 @@ PadChest-GR (when ``grounded_reports*.json`` is found under ``--root``): per ima
 ``boxes`` [[x1, y1, x2, y2], ...] -> ``bbox_xyxy`` attention of the conditions of the finding's labels
 (``extra_boxes`` are not used). The boxes are said to be normalised to 0-1 (UNCONFIRMED): a box whose coordinates
 all lie in [0, 1] is stored with ``"normalized": true``; otherwise it is taken as pixels of the image
-(``frame`` = [Columns_DICOM, Rows_DICOM]); both kinds are counted in the report. ``master_table.csv``'s ``split``
+(``frame`` = [Columns_DICOM, Rows_DICOM]; dropped, counted, when the size is unknown); both kinds are
+counted in the report. ``master_table.csv``'s ``split``
 is the official split of the GR images. Without the main PadChest CSV, the GR release alone is converted from
 ``master_table.csv`` (ImageID, PatientID or StudyID, PatientSex_DICOM, PatientAge, split) with labels from its
 grounded findings.
@@ -135,10 +136,18 @@ def _box_entries(items, frame, counter) -> list[dict]:
         if all(0.0 <= v <= 1.0 for v in b):
             counter["normalized"] += 1
             out.append({"class": c, "type": "bbox_xyxy", "coords": b, "frame": frame or [1, 1], "normalized": True})
+        elif frame is None:
+            counter["pixels_without_frame"] += 1
         else:
             counter["pixels"] += 1
-            out.append({"class": c, "type": "bbox_xyxy", "coords": b, "frame": frame, "normalized": False})
+            out.append({"class": c, "type": "bbox_xyxy", "coords": b, "frame": frame})
     return out
+
+
+def _gr_note(report: ConversionReport, counter: dict):
+    report.note(f"PadChest-GR boxes: {counter['normalized']} normalised (0-1), {counter['pixels']} in pixels")
+    report.add("PadChest-GR box in pixels for an image of unknown size (no Rows/Columns_DICOM)",
+               counter["pixels_without_frame"], [], "box dropped")
 
 
 def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> tuple[list[dict], ConversionReport]:
@@ -203,14 +212,14 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     split = np.full(len(df), None, dtype=object)
     att: dict[str, list] = {}
     if gr:
-        counter = {"normalized": 0, "pixels": 0}
+        counter = {"normalized": 0, "pixels": 0, "pixels_without_frame": 0}
         known = set(df["ImageID"])
         for img, items in gr["boxes"].items():
             if img in known:
                 att[img] = _box_entries(items, frame.get(img), counter)
         missing = [i for i in gr["labels"] if i not in known]
         report.add("PadChest-GR image not in the PadChest table", len(missing), missing[:5], "ignored")
-        report.note(f"PadChest-GR boxes: {counter['normalized']} normalised (0-1), {counter['pixels']} in pixels")
+        _gr_note(report, counter)
         if table is not None and "split" in table:
             sp = dict(zip(table["ImageID"].str.strip(), table["split"].str.strip().str.lower()))
             split = df["ImageID"].map(sp).to_numpy(dtype=object)
@@ -246,13 +255,12 @@ def _convert_gr_only(root: Path, gr: dict, table: pd.DataFrame | None, report: C
     sex = parse_sex(table["PatientSex_DICOM"]) if "PatientSex_DICOM" in table else ["unknown"] * len(table)
     pid = table.get("PatientID", table.get("StudyID", table["ImageID"])).fillna(table["ImageID"])
     split = table["split"].str.strip().str.lower() if "split" in table else pd.Series([None] * len(table))
-    counter = {"normalized": 0, "pixels": 0}
+    counter = {"normalized": 0, "pixels": 0, "pixels_without_frame": 0}
     recs = []
     for i, lab, s, a, p, sp in zip(table["ImageID"], labels.tolist(), sex, age_list(age), pid, split):
         recs.append({"image": images.get(i, str(root / "images" / i)), "label": lab,
                      "attention": _box_entries(gr["boxes"].get(i, []), None, counter), "sex": s, "age": a,
                      "patient_id": str(p), "dataset": NAME, "view": "unknown",
                      "split_source": sp if isinstance(sp, str) else None})
-    report.note(f"PadChest-GR boxes: {counter['normalized']} normalised (0-1), {counter['pixels']} in pixels "
-                "(pixel boxes have no frame without the main table: frame null = the image's own grid)")
+    _gr_note(report, counter)
     return recs, report

@@ -18,8 +18,8 @@ positive for it after aggregation. Labels are exhaustive per reader, so a findin
 Demographics and the box frame come from the DICOM headers, read without pixel data
 (``pydicom.dcmread(stop_before_pixels=True)``): PatientSex M/F (O or empty -> unknown), PatientAge "045Y"
 (missing for about 13k images -> unknown), Columns x Rows = the frame of the boxes (float pixels, x = column).
-When a DICOM is absent, the record keeps its labels with sex/age unknown and ``"frame": null``: the boxes
-are then in the image's own pixel grid, which is what the DICOM frame is anyway. VinDr has no patient
+When a DICOM is absent, the record keeps its labels with sex/age unknown, and its boxes are dropped (counted:
+without Columns x Rows their frame is unknown). VinDr has no patient
 identifier, so each image is its own patient (``patient_id`` = image_id).
 """
 from __future__ import annotations
@@ -82,8 +82,8 @@ def read_headers(paths: list[Path], report: ConversionReport) -> pd.DataFrame:
         except Exception as e:  # noqa: BLE001 - any unreadable header is reported, not fatal
             bad.append({"file": str(p), "error": f"{type(e).__name__}: {e}"[:160]})
             rows.append((None, None, None, None, None))
-    report.add("DICOM missing (sex/age unknown, frame null)", len(missing), missing, "record kept")
-    report.add("DICOM header unreadable (sex/age unknown, frame null)", len(bad), bad, "record kept")
+    report.add("DICOM missing (sex/age unknown, boxes dropped)", len(missing), missing, "record kept")
+    report.add("DICOM header unreadable (sex/age unknown, boxes dropped)", len(bad), bad, "record kept")
     return pd.DataFrame(rows, columns=["sex", "age", "rows", "cols", "view"], dtype=object)
 
 
@@ -229,16 +229,21 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None,
         box = box.assign(cls=box["class_name"].str.lower().map(cls_of)).dropna(subset=["cls"])
         lab_of = dict(zip(ids, labels.tolist()))
         ci = {c: i for i, c in enumerate(CLASSES)}
-        dropped = 0
+        dropped = noframe = 0
         for img, c, x0, y0, x1, y1 in zip(box["image_id"], box["cls"], box["x_min"], box["y_min"], box["x_max"],
                                           box["y_max"]):
             lab = lab_of.get(img)
             if lab is None or lab[ci[c]] != 1:
                 dropped += 1
                 continue
+            if frame.get(img) is None:
+                noframe += 1
+                continue
             att.setdefault(img, []).append({"class": c, "type": "bbox_xyxy",
                                             "coords": [float(x0), float(y0), float(x1), float(y1)],
                                             "frame": frame.get(img)})
+        report.add("box of an image whose DICOM header is unavailable (frame unknown)", noframe, [],
+                   "box dropped (labels kept); supply the DICOM to keep it")
         if dropped:
             report.add("box on an image negative (or unlabelled) after reader aggregation", dropped, [],
                        "box dropped")
