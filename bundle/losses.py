@@ -69,9 +69,11 @@ class AlignmentLoss(nn.Module):
         if not bool(sel.any()):
             zero = pred.sum() * 0.0
             return zero.expand(pred.shape[:2]).clone() if self.reduction == "none" else zero
-        # Only the selected maps are resized: (K, 1, h, w).
-        p = pred[sel].unsqueeze(1)
-        y = target.to(device=pred.device, dtype=pred.dtype)[sel].unsqueeze(1)
+        # Only the selected maps are resized: (K, 1, h, w). Sums over up to 224^2 pixels lose too much in
+        # float16/bfloat16 (AMP), so the loss is computed in at least float32.
+        dtype = torch.promote_types(pred.dtype, torch.float32)
+        p = pred[sel].unsqueeze(1).to(dtype)
+        y = target.to(device=pred.device, dtype=dtype)[sel].unsqueeze(1)
         if p.shape[-2:] != y.shape[-2:]:
             if self.resolution == "mask":
                 p = F.interpolate(p, size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -82,7 +84,7 @@ class AlignmentLoss(nn.Module):
             return per_pair.mean()
         if self.reduction == "sum":
             return per_pair.sum()
-        out = pred.new_zeros(pred.shape[:2]) + pred.sum() * 0.0
+        out = torch.zeros(pred.shape[:2], dtype=dtype, device=pred.device) + pred.sum().to(dtype) * 0.0
         return out.masked_scatter(sel, per_pair)
 
     def pair_loss(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
