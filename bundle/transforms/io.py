@@ -107,22 +107,31 @@ def content_size(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- resizing
-def _resize_area(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+def _resize_area(img: np.ndarray, hw: tuple[int, int], shift: float = 0.0) -> np.ndarray:
     """Area (box) downsampling of a float32 (H, W) image with PIL: integer reduce() first, then an exact BOX resize.
 
     PIL's BOX filter weights partially covered source pixels, i.e. it is true area averaging; reduce() by the integer
-    part of the factor first is the same average computed faster.
+    part of the factor first is the same average computed faster. ``shift`` (source pixels) moves the sampling grid:
+    used to re-centre JPEG 2000 reduced-resolution images (see _decode_j2k_reduced).
     """
     h, w = hw
-    if img.shape == (h, w):
+    if img.shape == (h, w) and not shift:
         return img
-    pim = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    if shift:
+        # PIL refuses boxes outside the image: pad one edge pixel, then sample [shift, size + shift)
+        pim = Image.fromarray(np.pad(src, 1, mode="edge"), mode="F")
+        sh, sw = src.shape
+        box = (1 + shift, 1 + shift, 1 + shift + sw, 1 + shift + sh)
+        # BOX degenerates to a copy at scale 1, so use bilinear (= the exact sub-pixel shift) when not shrinking
+        filt = Image.Resampling.BOX if (h < sh and w < sw) else Image.Resampling.BILINEAR
+        return np.asarray(pim.resize((w, h), filt, box=box), dtype=np.float32)
+    pim = Image.fromarray(src, mode="F")
     fy, fx = img.shape[0] // h, img.shape[1] // w
     f = min(fx, fy)
     if f >= 2 and img.shape[0] % f == 0 and img.shape[1] % f == 0:
         pim = pim.reduce(f)
-    out = np.asarray(pim.resize((w, h), Image.Resampling.BOX), dtype=np.float32)
-    return out
+    return np.asarray(pim.resize((w, h), Image.Resampling.BOX), dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- PNG / JPEG
@@ -243,9 +252,12 @@ def _dicom_frame_bytes(ds) -> bytes:
 def _decode_j2k_reduced(ds, target_size: int | None):
     """Decode a JPEG 2000 frame at a reduced resolution (2^-r) with Pillow/OpenJPEG when the target size allows.
 
-    Returns stored values (integers, same scale as pixel_array) at reduced size, or None to use the full decoder.
-    Only r with Rows and Columns divisible by 2^r is used, so the reduced grid covers exactly the native field
-    of view; r never takes the longer side below the target size.
+    Returns (stored values at reduced size (integers, same scale as pixel_array), grid shift in reduced pixels),
+    or None to use the full decoder. Only r with Rows and Columns divisible by 2^r is used, so the reduced grid
+    covers exactly the native field of view; r never takes the longer side below the target size.
+    The wavelet low-pass sample n of level r is centred on native pixel 2^r * n, not on the centre of the block
+    [2^r n, 2^r (n + 1)) that area averaging uses: the reduced image sits (2^r - 1) / 2^(r + 1) reduced pixels
+    off the area grid (0.44 px for r = 3), which the caller's resize compensates.
     """
     if not target_size:
         return None
@@ -270,7 +282,7 @@ def _decode_j2k_reduced(ds, target_size: int | None):
         # Pillow left-aligns n-bit samples in 16 bits; bring them back to stored values (rounded)
         shift = 16 - info["precision"]
         arr = ((arr.astype(np.uint32) + (1 << (shift - 1))) >> shift).astype(np.uint16)
-    return arr
+    return arr, (2 ** r - 1) / 2 ** (r + 1)
 
 
 def _decode_jpeg_draft(ds, target_size: int | None):
@@ -378,10 +390,10 @@ def _load_dicom(path, target_size: int | None):
     _check_dicom(ds, path)
     meta = _dicom_meta(ds, path)
     ts = meta["transfer_syntax"] or ""
-    arr = None
+    arr, shift = None, 0.0
     try:
         if ts in _J2K_UIDS:
-            arr = _decode_j2k_reduced(ds, target_size)
+            arr, shift = _decode_j2k_reduced(ds, target_size) or (None, 0.0)
         elif ts == _JPEG_BASELINE_UID and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
             arr = _decode_jpeg_draft(ds, target_size)
     except Exception:
@@ -398,13 +410,13 @@ def _load_dicom(path, target_size: int | None):
             raise _err(path, f"unexpected pixel array shape {arr.shape}", "Expected a single-frame 2D image")
         arr = (arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
         lo, hi = float(arr.min()), float(arr.max())
-        return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)), meta
+        return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)), meta, 0.0
     index, lut = _stored_lut(ds, arr, path)
     if lut is not None:
         img = np.take(lut, index)
     else:  # float or 32-bit pixel data: apply the same functions per pixel
         img = _display_lut(ds, arr, path)
-    return img, meta
+    return img, meta, shift
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -453,15 +465,18 @@ def load_cxr(path, return_meta: bool = False, target_size: int | None = None):
         target_size = int(target_size)
         if target_size < 1:
             raise ValueError(f"target_size must be a positive int, got {target_size}")
+    shift = 0.0
     if kind == "dicom":
-        img, meta = _load_dicom(path, target_size)
+        img, meta, shift = _load_dicom(path, target_size)
     else:
         img, meta = _load_pil(path, kind, target_size)
     if target_size:
         h, w = meta["orig_size"]
         if max(h, w) > target_size:
-            img = _resize_area(img, content_size(h, w, target_size))
+            img = _resize_area(img, content_size(h, w, target_size), shift)
     img = np.ascontiguousarray(img, dtype=np.float32)
+    if not img.flags.writeable:  # arrays viewed from PIL images are read-only; torch wants writable memory
+        img = img.copy()
     return (img, meta) if return_meta else img
 
 
