@@ -254,6 +254,11 @@ def _adapt_vit_channels(vit: ViTModel, in_channels: int) -> None:
     vit.config.num_channels = 1
 
 
+def _refresh_after_load(module: "AlignerVLM", incompatible_keys) -> None:
+    """load_state_dict post-hook (a module-level function, not a lambda, so that the network stays picklable)."""
+    module.refresh_prompt_cache()
+
+
 class AlignerVLM(nn.Module):
     """Image-text fusion classifier with per-class cross-attention maps (see module docstring / docs/model.md).
 
@@ -394,7 +399,7 @@ class AlignerVLM(nn.Module):
 
         self.refresh_prompt_cache()
         # Cached prompt embeddings depend on the text-encoder weights: recompute them whenever weights are loaded.
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_prompt_cache())
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # ----------------------------------------------------------------------------------------------- text side
     def refresh_prompt_cache(self) -> None:

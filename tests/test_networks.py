@@ -1,5 +1,6 @@
 """AlignerVLM: shapes, attention, prompt tokenization and caching, local/missing encoders, presets (all offline)."""
 
+import io
 import socket
 
 import pytest
@@ -243,6 +244,24 @@ def test_inference_wrapper_probabilities_and_state_dict(demo_net):
     assert pred["probs"].shape == (2, 3) and pred["attn"].shape == (2, 3, 128, 128)
     assert float(pred["attn"].max()) <= 1.0 + 1e-6
     assert upsample_attention(torch.ones(1, 1, 2, 2), (8, 8)).shape == (1, 1, 8, 8)
+
+
+def test_prompt_cache_follows_nested_load_and_model_pickles():
+    """Loading through a wrapper (DDP, Sequential) refreshes the cache; the whole model survives torch.save."""
+    torch.manual_seed(6)
+    a = AlignerVLM(text_pooling="mean", **TINY)
+    torch.manual_seed(7)
+    b = AlignerVLM(text_pooling="mean", **TINY)
+    assert not torch.allclose(a.prompt_cache, b.prompt_cache)
+    torch.nn.Sequential(b).load_state_dict(torch.nn.Sequential(a).state_dict())
+    assert torch.allclose(a.prompt_cache, b.prompt_cache)
+    buf = io.BytesIO()
+    torch.save(a, buf)
+    buf.seek(0)
+    c = torch.load(buf, weights_only=False).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(c(x)["logits"], a.eval()(x)["logits"])
 
 
 def test_bad_configuration_is_reported():
