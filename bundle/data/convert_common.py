@@ -427,28 +427,49 @@ def summarize(datalist: Mapping, report: ConversionReport | Mapping | None = Non
     for split, recs in datalist.items():
         if not isinstance(recs, list) or split == "classes":
             continue
-        lab = np.array([r["label"] for r in recs], dtype=np.int8).reshape(len(recs), len(classes))
+        n_c = len(classes)
+        lab = np.array([r["label"] for r in recs], dtype=float).reshape(len(recs), n_c)
+        lab = np.nan_to_num(lab, nan=-1).astype(np.int8)  # null labels count as unknown
+        ci = {c: i for i, c in enumerate(classes)}
+        with_att = np.zeros((len(recs), n_c), dtype=bool)
+        shapes = np.zeros(n_c, dtype=np.int64)
+        sex: dict[str, int] = {}
+        ages: dict[str, int] = {}
+        ds: dict[str, int] = {}
+        pids = set()
+        age_cache: dict = {}
+        for k, r in enumerate(recs):  # one pass; attention lists are short and mostly empty
+            for a in r.get("attention") or ():
+                j = ci.get(a.get("class"))
+                if j is not None:
+                    with_att[k, j] = True
+                    shapes[j] += 1
+            s = r.get("sex", "unknown")
+            sex[s] = sex.get(s, 0) + 1
+            a = r.get("age")
+            g = age_cache.get(a)
+            if g is None:
+                g = age_cache[a] = age_group(a, bins)
+            ages[g] = ages.get(g, 0) + 1
+            d = r.get("dataset", "")
+            ds[d] = ds.get(d, 0) + 1
+            pids.add(str(r.get("patient_id")))
         per_class = {}
-        for ci, c in enumerate(classes):
-            with_att = np.array([any(a.get("class") == c for a in (r.get("attention") or [])) for r in recs],
-                                dtype=bool)
+        for j, c in enumerate(classes):
             per_class[c] = {
-                "positive": int((lab[:, ci] == 1).sum()),
-                "negative": int((lab[:, ci] == 0).sum()),
-                "unknown": int((lab[:, ci] == -1).sum()),
-                "positive_with_attention": int(((lab[:, ci] == 1) & with_att).sum()),
-                "attention_shapes": int(sum(a.get("class") == c for r in recs for a in (r.get("attention") or []))),
+                "positive": int((lab[:, j] == 1).sum()),
+                "negative": int((lab[:, j] == 0).sum()),
+                "unknown": int((lab[:, j] == -1).sum()),
+                "positive_with_attention": int(((lab[:, j] == 1) & with_att[:, j]).sum()),
+                "attention_shapes": int(shapes[j]),
             }
-        sex = pd.Series([r.get("sex", "unknown") for r in recs], dtype=object).value_counts()
-        ages = pd.Series([age_group(r.get("age"), bins) for r in recs], dtype=object).value_counts()
-        ds = pd.Series([r.get("dataset", "") for r in recs], dtype=object).value_counts()
         out["splits"][split] = {
             "images": len(recs),
-            "patients": len({str(r.get("patient_id")) for r in recs}),
+            "patients": len(pids),
             "classes": per_class,
-            "sex": {str(k): int(v) for k, v in sex.sort_index().items()},
-            "age_group": {str(k): int(v) for k, v in ages.sort_index().items()},
-            "dataset": {str(k): int(v) for k, v in ds.sort_index().items()},
+            "sex": dict(sorted(sex.items())),
+            "age_group": dict(sorted(ages.items())),
+            "dataset": dict(sorted(ds.items())),
         }
     out["total_images"] = sum(s["images"] for s in out["splits"].values())
     if report is not None:
@@ -481,8 +502,10 @@ def write_json_atomic(obj, path: str | os.PathLike, indent: int | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
+        # json.dumps, not json.dump: dump always runs the pure-Python encoder (10x slower on 100k records)
+        text = json.dumps(obj, indent=indent, allow_nan=False)
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=indent, allow_nan=False)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -491,16 +514,9 @@ def write_json_atomic(obj, path: str | os.PathLike, indent: int | None = None):
 
 
 def _save_datalist(datalist: dict, path: Path):
-    try:  # the shared writer (bundle.data.datalist) when it exists; same atomic semantics
-        from bundle.data import datalist as dl  # noqa: PLC0415
-
-        save = getattr(dl, "save", None)
-    except ImportError:
-        save = None
-    if save is not None:
-        save(datalist, path, indent=None)
-    else:
-        write_json_atomic(datalist, path)
+    """Atomic write of the datalist. Same contract as ``bundle.data.datalist.save`` (temp file + os.replace), but
+    through ``json.dumps`` (C encoder): the full NIH datalist takes ~1 s instead of ~20 s with ``json.dump``."""
+    write_json_atomic({k: v for k, v in datalist.items() if not str(k).startswith("_")}, path)
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -643,12 +659,13 @@ def finalize(
     out = Path(out).resolve()
     base = out.parent
     datalist: dict = {"name": name, "classes": classes}
+    rel_cache: dict[str, str] = {}
     for split, recs in splits.items():
         if not recs:
             continue
         for r in recs:
             if not absolute_paths:
-                r["image"] = os.path.relpath(r["image"], base)
+                r["image"] = _relpath(r["image"], base, rel_cache)
             if r.get("split_source") is None:
                 r.pop("split_source", None)
         datalist[split] = recs
@@ -659,6 +676,15 @@ def finalize(
         print(format_summary(summary))
         print(f"wrote {out} and {summary_path(out)}")
     return datalist, summary
+
+
+def _relpath(path: str, base: Path, cache: dict) -> str:
+    """os.path.relpath per folder, not per file (relpath costs ~60 us; 112k images share 12 folders)."""
+    d, _, name = path.rpartition("/")
+    rel = cache.get(d)
+    if rel is None:
+        rel = cache[d] = os.path.relpath(d or "/", base)
+    return name if rel == "." else f"{rel}/{name}"
 
 
 def summary_path(out: str | os.PathLike) -> Path:
