@@ -130,8 +130,10 @@ def _physionet(root: Path, ann: Path, report: ConversionReport, aggregate: str):
             report.note(f"annotations/image_labels_{split}.csv not found: no {split} images")
             continue
         report.files[f"labels_{split}"] = str(p)
-        df = match_columns(read_csv(p), spec, p)
+        df = match_columns(read_csv(p), spec, p, optional=["rad_id"])
         lines = file_lines(df)
+        if "rad_id" not in df:  # consensus files may come without reader ids: one reader per row
+            df["rad_id"] = [f"row{i}" for i in lines]
         df["image_id"] = df["image_id"].str.strip()
         vals = df[cols].apply(pd.to_numeric, errors="coerce")
         bad = ~vals.isin([0, 1]).all(axis=1).to_numpy()
