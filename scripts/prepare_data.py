@@ -2,7 +2,7 @@
 """Convert a public chest X-ray dataset (as downloaded) into the bundle's datalist, or compose several.
 
     python scripts/prepare_data.py nih --root /data/NIH --out data/nih/datalist.json
-    python scripts/prepare_data.py vindr --root /data/vindr-cxr/1.0.0 --out data/vindr/datalist.json --aggregate majority
+    python scripts/prepare_data.py vindr --root /data/vindr --out data/vindr/datalist.json --aggregate majority
     python scripts/prepare_data.py chexlocalize --root /data/CheXlocalize --out data/chexlocalize/datalist.json
     python scripts/prepare_data.py compose --config configs/datasets/edema.yaml --out data/edema.json
 

@@ -143,7 +143,8 @@ VINDR_LABELS = ["Aortic enlargement", "Atelectasis", "Calcification", "Cardiomeg
                 "Lung cavity", "Lung cyst", "Mediastinal shift", "Nodule/Mass", "Other lesion", "Pleural effusion",
                 "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "Rib fracture", "COPD", "Lung tumor",
                 "Pneumonia", "Tuberculosis", "Other diseases", "No finding"]
-# image -> split, {reader: set of positive labels}, boxes [(reader, class, x0, y0, x1, y1)], DICOM (sex, age, rows, cols, photometric)
+# image -> split, {reader: set of positive labels}, boxes [(reader, class, x0, y0, x1, y1)],
+#          DICOM header (sex, age, rows, cols, photometric)
 VINDR_IMAGES = {
     "t1": ("train", {"R1": {"Nodule/Mass", "Pleural effusion"}, "R2": {"Nodule/Mass"}, "R3": {"No finding"}},
            [("R1", "Nodule/Mass", 10, 12, 20, 25), ("R1", "Pleural effusion", 5, 40, 30, 60),
@@ -432,7 +433,8 @@ PADCHEST_ROWS = [  # ImageID, dir, study date, patient, birth, sex, projection, 
     ("img2.png", "0", "20160101", "pA", "1950.0", "M", "L", "['pleural effusion', ' nodule']"),
     ("img3.png", "1", "20120505", "pB", "1990.0", "F", "AP", "['normal']"),
     ("img4.png", "1", "20140101", "pC", "1930.0", "F", "PA", "['pseudonodule', 'breast mass']"),
-    ("img5.png", "2", "20170707", "pD", "nan", "", "AP_horizontal", "['pulmonary edema', 'loculated pleural effusion']"),
+    ("img5.png", "2", "20170707", "pD", "nan", "", "AP_horizontal",
+     "['pulmonary edema', 'loculated pleural effusion']"),
     ("img6.png", "2", "20130303", "pE", "1960.0", "M", "PA", ""),               # missing Labels
     ("img7.png", "2", "20130303", "pF", "1970.0", "F", "PA", "['pulmonary mass'"),  # malformed list
 ]

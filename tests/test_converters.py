@@ -238,7 +238,8 @@ def test_compose_edema_keeps_dataset_prefixes_patients_and_ood(tmp_path):
     replicas.write_mimic(tmp_path / "raw/mimic")
     replicas.write_chexlocalize(tmp_path / "raw/cl")
     for name, root in (("nih", "nih"), ("vindr", "vindr"), ("mimic", "mimic"), ("chexlocalize", "cl")):
-        assert cli([name, "--root", str(tmp_path / "raw" / root), "--out", str(tmp_path / f"data/{name}/datalist.json")]) == 0
+        out = tmp_path / f"data/{name}/datalist.json"
+        assert cli([name, "--root", str(tmp_path / "raw" / root), "--out", str(out)]) == 0
     cfg = Path("configs/datasets/edema.yaml")
     d, s = compose(cfg, tmp_path / "edema.json", data_root=tmp_path, verbose=False)
     assert d["classes"] == ["edema"]

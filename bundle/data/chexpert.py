@@ -195,7 +195,8 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
         report.files["valid"] = str(valid)
         frames.append(read_labels(valid, report, blank, "valid"))
     df = pd.concat(frames, ignore_index=True)
-    overlap = df["patient_id"].duplicated(keep=False) & (df.groupby("patient_id")["split_source"].transform("nunique") > 1)
+    n_sources = df.groupby("patient_id")["split_source"].transform("nunique")
+    overlap = df["patient_id"].duplicated(keep=False) & (n_sources > 1)
     if overlap.any():
         report.add("patient in both train.csv and valid.csv", int(df.loc[overlap, "patient_id"].nunique()),
                    df.loc[overlap, "patient_id"].unique().tolist()[:5], "moved to the official split")

@@ -327,7 +327,8 @@ def age_group(age, bins: Sequence[float] = AGE_BINS) -> str:
 
 # ------------------------------------------------------------------------------------------------- splits
 #: official split names (as the datasets spell them) -> datalist split they are pinned to
-_FIXED = {"test": "test", "valid": "validation", "validate": "validation", "validation": "validation", "val": "validation"}
+_FIXED = {"test": "test", "valid": "validation", "validate": "validation", "validation": "validation",
+          "val": "validation"}
 _FREE = {"train", "train_val", "training", "trainval"}
 
 

@@ -89,7 +89,8 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     for ln, f in _read(cnn, 3, report):
         rows.append((cnn, ln, f[0], f[1], f[2], 0, None, None, None))
     df = pd.DataFrame(rows, columns=["file", "line", "name", "age", "sex", "nm", "x", "y", "size"])
-    df["name"] = df["name"].str.upper().where(df["name"].str.upper().str.endswith(".IMG"), df["name"].str.upper() + ".IMG")
+    upper = df["name"].str.upper()
+    df["name"] = upper.where(upper.str.endswith(".IMG"), upper + ".IMG")
     dup = df["name"].duplicated().to_numpy()
     if dup.any():
         report.add("duplicated file name in the lists", int(dup.sum()), df.loc[dup, "name"].tolist()[:5],

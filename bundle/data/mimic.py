@@ -61,7 +61,8 @@ def _find(root: Path, stem: str, what: str, required: bool = True) -> Path | Non
 
 
 def _reflacx(root: Path, report: ConversionReport, min_certainty: int) -> tuple[list, list]:
-    metas = find_files(root, ["metadata_phase_*.csv", "main_data/metadata_phase_*.csv", "*/main_data/metadata_phase_*.csv",
+    metas = find_files(root, ["metadata_phase_*.csv", "main_data/metadata_phase_*.csv",
+                              "*/main_data/metadata_phase_*.csv",
                               "*/*/main_data/metadata_phase_*.csv"])
     keys, shapes = [], []
     if not metas:

@@ -100,7 +100,8 @@ def read_boxes(path: Path, report: ConversionReport) -> pd.DataFrame:
     df["image"] = df["image"].str.strip()
     df["finding"] = df["finding"].str.strip()
     xywh = df[["x", "y", "w", "h"]].apply(pd.to_numeric, errors="coerce")
-    bad = xywh.isna().any(axis=1).to_numpy() | (xywh[["w", "h"]] <= 0).any(axis=1).to_numpy() | df["image"].isna().to_numpy()
+    bad = (xywh.isna().any(axis=1).to_numpy() | (xywh[["w", "h"]] <= 0).any(axis=1).to_numpy()
+           | df["image"].isna().to_numpy())
     if bad.any():
         vals = df.loc[bad, ["x", "y", "w", "h"]].astype(str).agg(",".join, axis=1).tolist()
         report.add_rows("unparsable box", path, lines[bad], vals, "box dropped")

@@ -153,7 +153,8 @@ def _gr_note(report: ConversionReport, counter: dict):
 def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> tuple[list[dict], ConversionReport]:
     root = Path(root).resolve()
     report = report or ConversionReport(NAME)
-    main = find_file(root, ["PADCHEST_chest_x_ray_images_labels_160K*.csv", "PADCHEST_chest_x_ray_images_labels_160K*.csv.gz",
+    main = find_file(root, ["PADCHEST_chest_x_ray_images_labels_160K*.csv",
+                            "PADCHEST_chest_x_ray_images_labels_160K*.csv.gz",
                             "PADCHEST*.csv", "PADCHEST*.csv.gz", "*/PADCHEST*.csv", "*/PADCHEST*.csv.gz"], "", False)
     gr, table = _read_gr(root, report)
     if main is None and table is None:
