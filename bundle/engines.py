@@ -87,7 +87,7 @@ class AlignmentTrainer(SupervisedTrainer):
         engine.state.output[Keys.LOSS] = losses["loss"].detach()
         for k in ("loss_ce", "loss_al", "n_aligned"):
             if k in losses:
-                engine.state.output[k] = float(losses[k])
+                engine.state.output[k] = float(losses[k].detach()) if torch.is_tensor(losses[k]) else float(losses[k])
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
 

@@ -159,6 +159,10 @@ def evaluate(
     from bundle import plots
 
     classes = list(datalist["classes"])
+    own_run = False
+    if mlflow_logger is not None and mlflow_logger.cur_run is None:
+        own_run = mlflow_logger.start_standalone({"evaluated_checkpoint": ckpt_path, "splits": list(splits),
+                                                  "threshold": threshold, "n_boot": n_boot, "age_scheme": age_scheme})
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if ckpt_path:
         load_checkpoint(network, ckpt_path)
@@ -182,12 +186,14 @@ def evaluate(
         report = M.fairness_report(arrays["label"], arrays["pred"], groups=groups, classes=classes, patient_id=pids,
                                    threshold=threshold, val=val, n_boot=n_boot, min_count=min_count, seed=seed)
         if "hit" in arrays:
-            report["alignment"] = M.hit_rate_report(hits=arrays["hit"], labels=arrays["label"], classes=classes,
-                                                    groups=groups, patient_id=pids, n_boot=n_boot, seed=seed)
-            mass = arrays["mass"]
-            report["alignment"]["attention_mass_in_mask"] = {
-                c: (float(np.nanmean(mass[:, i])) if np.isfinite(mass[:, i]).any() else None)
-                for i, c in enumerate(classes)}
+            # per-pair values were computed during collection (bundle.handlers.PredictionCollector);
+            # pair_metric_report adds per-class / per-subgroup summaries with patient-clustered bootstrap CIs.
+            report["alignment"] = {
+                name: M.pair_metric_report(arrays[key], arrays["label"], classes, groups, pids, n_boot, seed,
+                                           name=name, min_count=min_count)
+                for key, name in (("hit", "hit_rate"), ("iou", "miou"), ("mass", "attention_mass_in_mask"))
+                if key in arrays
+            }
         out = os.path.join(output_dir, split)
         thresholds = [report["thresholds"][c]["value"] for c in classes]
         write_text_atomic(os.path.join(out, "fairness_report.json"), json.dumps(report, indent=1, default=_json))
@@ -214,6 +220,8 @@ def evaluate(
         write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=1, default=_json))
         if mlflow_logger is not None:
             mlflow_logger.log_artifact(os.path.join(output_dir, "summary.json"), artifact_path="evaluation")
+            if own_run:
+                mlflow_logger.close()
     return summary
 
 

@@ -72,15 +72,20 @@ def attention_mass_in_mask(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tens
     return (a * cover).flatten(2).sum(-1) / a.flatten(2).sum(-1).clamp_min(1e-12)
 
 
+def _wrap_output(output):
+    """Engine output -> 1-tuple: ignite metrics refuse a mapping without ('y_pred', 'y') keys, we need all keys."""
+    return (output,)
+
+
 class PredictionCollector(Metric):
     """Collects per-sample arrays from the evaluator's batched output and gathers them across ranks.
 
-    ``compute`` returns ``{"index", "pred", "label", "hit", "mass", ...}`` as numpy arrays sorted by
-    ``index`` (each sample exactly once). ``hit`` and ``mass`` are (N, C) with NaN where the pair has
-    no human mask. Subclasses turn the arrays into metrics.
+    ``compute`` returns ``{"index", "pred", "label", "hit", "iou", "mass"}`` as numpy arrays sorted by
+    ``index`` (each sample exactly once). ``hit`` (pointing game), ``iou`` (Otsu-thresholded map vs mask)
+    and ``mass`` (attention mass inside the mask) are (N, C), NaN where the pair has no human mask. Subclasses turn the arrays into metrics.
     """
 
-    def __init__(self, output_transform: Callable = lambda x: x, device="cpu"):
+    def __init__(self, output_transform: Callable = _wrap_output, device="cpu"):
         self.last: dict[str, np.ndarray] = {}
         super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
 
@@ -91,6 +96,7 @@ class PredictionCollector(Metric):
         self._parts.setdefault(key, []).append(value.detach().to("cpu"))
 
     def update(self, output: Mapping) -> None:
+        output = output[0] if isinstance(output, tuple) else output
         pred, label = output["pred"], output["label"]
         n = pred.shape[0]
         index = output.get("index")
@@ -101,19 +107,21 @@ class PredictionCollector(Metric):
         self._add("label", label.float())
         attn, mask, avail = output.get("attn"), output.get("attn_mask"), output.get("attn_available")
         if attn is not None and mask is not None:
-            from bundle.metrics import hit_rate  # CheXlocalize pointing game, one implementation for all callers
+            # one implementation of the CheXlocalize pointing game and mIoU for every caller: bundle.metrics
+            from bundle.metrics import hit_rate, iou
 
             c = pred.shape[1]
             has = mask.flatten(2).amax(-1) > 0
             if avail is not None:
                 has = has & (avail > 0)
-            hits = hit_rate(attn.float().reshape(n * c, *attn.shape[-2:]).cpu().numpy(),
-                            mask.float().reshape(n * c, *mask.shape[-2:]).cpu().numpy())
-            hits = torch.as_tensor(np.asarray(hits, dtype=np.float32)).reshape(n, c)
-            mass = attention_mass_in_mask(attn, mask).cpu()
+            maps = attn.float().reshape(n * c, *attn.shape[-2:]).cpu().numpy()
+            masks = mask.float().reshape(n * c, *mask.shape[-2:]).cpu().numpy()
             nan = torch.tensor(float("nan"))
-            self._add("hit", torch.where(has.cpu(), hits, nan))
-            self._add("mass", torch.where(has.cpu(), mass, nan))
+            has = has.cpu()
+            for key, values in (("hit", hit_rate(maps, masks)), ("iou", iou(maps, masks, threshold="otsu"))):
+                v = torch.as_tensor(np.asarray(values, dtype=np.float32)).reshape(n, c)
+                self._add(key, torch.where(has, v, nan))
+            self._add("mass", torch.where(has, attention_mass_in_mask(attn, mask).cpu(), nan))
 
     def gather(self) -> dict[str, np.ndarray]:
         if not self._parts:
@@ -146,6 +154,7 @@ class MeanAUC(PredictionCollector):
     """The key metric: macro AUC over classes, unknown labels (-1) excluded per class (NaN classes skipped)."""
 
     def update(self, output: Mapping) -> None:  # only predictions are needed here
+        output = output[0] if isinstance(output, tuple) else output
         n = output["pred"].shape[0]
         self._add("index", torch.as_tensor(output["index"]).reshape(n).long())
         self._add("pred", output["pred"].float())
@@ -176,7 +185,7 @@ class AlignmentFairnessMetric(PredictionCollector):
         age_scheme="chexclusion",
         min_count: int = 5,
         prefix: str = "val_",
-        output_transform: Callable = lambda x: x,
+        output_transform: Callable = _wrap_output,
         device="cpu",
     ):
         self.records, self.classes, self.prefix = list(records), list(classes), prefix
@@ -221,7 +230,7 @@ class AlignmentFairnessMetric(PredictionCollector):
             warnings.simplefilter("ignore")
             report = fairness_report(d["label"], d["pred"], groups=groups, classes=self.classes, patient_id=pids,
                                      threshold="test_f1", n_boot=0, min_count=self.min_count)
-        out.update(flatten_for_mlflow(report, prefix="fair"))
+        out.update(flatten_for_mlflow(report, prefix="fair_"))
         self.last_report = report
         return {f"{self.prefix}{k}": v for k, v in out.items()}
 
@@ -367,6 +376,15 @@ class SafeMLFlowHandler(MLFlowHandler):
     def close(self) -> None:
         self._guard(super().close)
 
+    def start_standalone(self, params: Mapping | None = None) -> bool:
+        """Open a run without an engine (evaluation-only jobs); True when a run is open afterwards."""
+        from types import SimpleNamespace
+
+        if params:
+            self.experiment_param = {**(self.experiment_param or {}), **{k: str(v) for k, v in params.items()}}
+        self.start(SimpleNamespace(state=SimpleNamespace(max_epochs=None, epoch_length=None)))
+        return self.cur_run is not None
+
     @property
     def run_id(self) -> str | None:
         return self.cur_run.info.run_id if self.cur_run else None
@@ -396,10 +414,13 @@ class LogLossComponents:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
 
     def _reset(self, engine: Engine) -> None:
-        self._sum, self._n, self._t0 = {}, 0, time.perf_counter()
+        self._sum, self._n, self._images, self._t0 = {}, 0, 0, time.perf_counter()
+        self._t_last = self._t0
 
     def _iter(self, engine: Engine) -> None:
+        self._t_last = time.perf_counter()  # training time only: validation runs after the last iteration
         out = engine.state.output
+        self._images += int(out["image"].shape[0]) if "image" in out else 0
         vals = {k: float(out[k]) for k in ("loss", "loss_ce", "loss_al", "n_aligned") if k in out}
         for k, v in vals.items():
             self._sum[k] = self._sum.get(k, 0.0) + v
@@ -410,10 +431,62 @@ class LogLossComponents:
 
     def _epoch(self, engine: Engine) -> None:
         n = max(self._n, 1)
-        secs = time.perf_counter() - self._t0
+        secs = self._t_last - self._t0
         means = {f"train_{k}_epoch": v / n for k, v in self._sum.items()}
-        bs = getattr(engine.data_loader, "batch_size", None) or 1
-        means["train_images_per_s"] = self._n * bs / max(secs, 1e-9)
+        means["train_images_per_s"] = self._images / max(secs, 1e-9)
         engine.state.metrics.update(means)
         msg = " ".join(f"{k[6:-6] if k.endswith('_epoch') else k[6:]}={v:.4g}" for k, v in means.items())
         logger.info(f"epoch {engine.state.epoch}/{engine.state.max_epochs} train: {msg} ({secs:.1f}s)")
+
+
+class InferenceWriter:
+    """Writes inference results: ``predictions.csv`` (one row per image: probabilities and the attention peak
+    per class) and, optionally, one attention-overlay PNG per image. Rank 0; files written atomically."""
+
+    def __init__(self, output_dir: str, records: Sequence[Mapping], classes: Sequence[str], save_overlays: bool = True):
+        self.output_dir, self.records, self.classes, self.save_overlays = output_dir, list(records), list(classes), save_overlays
+        self.rows: list[list] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iter)
+        engine.add_event_handler(Events.COMPLETED, self._done)
+
+    def _iter(self, engine: Engine) -> None:
+        from bundle.plots import attention_overlays
+
+        o = engine.state.output
+        probs, attn, image = o["pred"].cpu(), o["attn"].cpu(), o["image"].cpu()
+        size = image.shape[-2:]
+        up = F.interpolate(attn.float(), size=size, mode="bilinear", align_corners=False)
+        for b, idx in enumerate(o["index"].cpu().tolist()):
+            path = self.records[idx]["image"]
+            row = [idx, path]
+            for c in range(len(self.classes)):
+                r, col = divmod(int(torch.argmax(up[b, c])), size[-1])
+                row += [f"{float(probs[b, c]):.6f}", r, col]
+            self.rows.append(row)
+            if self.save_overlays and _rank() == 0:
+                stem = os.path.splitext(os.path.basename(path))[0]
+                samples = [{"image": image[b, 0].numpy(), "attn": attn[b, c].numpy(), "mask": np.zeros(tuple(size)),
+                            "class_index": c, "score": float(probs[b, c])} for c in range(len(self.classes))]
+                attention_overlays(samples, self.classes, os.path.join(self.output_dir, "overlays", f"{idx:05d}_{stem}.png"),
+                                   title=os.path.basename(path), ncols=len(self.classes))
+
+    def _done(self, engine: Engine) -> None:
+        if _rank() != 0:
+            return
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["index", "image"] + [f"{k}_{c}" for c in self.classes for k in ("prob", "attn_peak_row", "attn_peak_col")])
+        w.writerows(sorted(self.rows, key=lambda r: r[0]))
+        os.makedirs(self.output_dir, exist_ok=True)
+        path = os.path.join(self.output_dir, "predictions.csv")
+        tmp = path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+        logger.info(f"inference: {len(self.rows)} images -> {path}")

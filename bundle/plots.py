@@ -47,12 +47,14 @@ def attention_overlays(samples: Sequence[Mapping], classes: Sequence[str], path:
         attn = torch.as_tensor(np.asarray(s["attn"], dtype=np.float32))[None, None]
         up = F.interpolate(attn, size=img.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
         r, c = np.unravel_index(int(np.argmax(up)), up.shape)
-        hit = bool(mask[r, c] > 0)
+        annotated = bool(mask.max() > 0)
         ax.imshow(img, cmap="gray")
         ax.imshow(up, cmap="jet", alpha=0.35)
-        ax.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
+        if annotated:
+            ax.contour(mask, levels=[0.5], colors="lime", linewidths=1.0)
         ax.plot(c, r, marker="+", color="white", markersize=10, mew=2)
-        ax.set_title(f"{classes[s['class_index']]}  p={s['score']:.2f}  {'hit' if hit else 'miss'}", fontsize=8)
+        verdict = ("hit" if mask[r, c] > 0 else "miss") if annotated else ""
+        ax.set_title(f"{classes[s['class_index']]}  p={s['score']:.2f}  {verdict}", fontsize=8)
     fig.suptitle((title + "\n" if title else "") + "heat: model attention, green: human mask, +: attention peak",
                  fontsize=9)
     return save_figure(fig, path)
@@ -66,16 +68,22 @@ def _ci(entry: Mapping, metric: str):
     return ci
 
 
+def _group_entries(report: Mapping):
+    """(class, attribute, group, entry, excluded_reason, overall entry) for every subgroup of a fairness report."""
+    for cls, per_attr in report["classes"].items():
+        for attr, block in per_attr.items():
+            for grp, entry in block["groups"].items():
+                yield cls, attr, grp, entry, entry.get("excluded_reason"), report["overall"].get(cls, {})
+
+
 def group_metric_plots(report: Mapping, out_dir: str, metrics: Sequence[str] = ("auc", "sensitivity"),
                        title: str = "") -> list[str]:
     """One PNG per metric x attribute: the metric per subgroup with its bootstrap 95% CI, one panel per class.
 
     Groups excluded from the gap (too few samples) are drawn hollow; the dashed line is the overall value.
     """
-    from bundle.metrics import iter_group_entries
-
     paths = []
-    entries = list(iter_group_entries(report))  # (class, attribute, group, entry, excluded_reason, overall)
+    entries = list(_group_entries(report))  # (class, attribute, group, entry, excluded_reason, overall entry)
     classes = list(dict.fromkeys(e[0] for e in entries))
     attributes = list(dict.fromkeys(e[1] for e in entries))
     for metric in metrics:
@@ -84,7 +92,8 @@ def group_metric_plots(report: Mapping, out_dir: str, metrics: Sequence[str] = (
             for ax, cls in zip(axes[0], classes):
                 rows = [e for e in entries if e[0] == cls and e[1] == attr]
                 xs = np.arange(len(rows))
-                for x, (_, _, grp, entry, excluded, overall) in zip(xs, rows):
+                for x, (_, _, grp, entry, excluded, overall_entry) in zip(xs, rows):
+                    overall = overall_entry.get(metric)
                     v = entry.get(metric)
                     if v is None or (isinstance(v, float) and math.isnan(v)):
                         continue

@@ -67,3 +67,51 @@ def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> in
 def ensure_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def network_params(net: torch.nn.Module) -> dict:
+    """Model sizes worth logging with a run, read from the built network (works for any preset)."""
+    net = getattr(net, "module", net)
+    out = {"model": type(net).__name__, "n_parameters": count_parameters(net),
+           "n_trainable": count_parameters(net, trainable_only=True)}
+    vit = getattr(getattr(net, "image_encoder", None), "config", None)
+    if vit is not None:
+        out.update(image_size=getattr(net, "image_size", vit.image_size), patch_size=vit.patch_size,
+                   vit_hidden=vit.hidden_size, vit_layers=vit.num_hidden_layers, vit_heads=vit.num_attention_heads)
+    txt = getattr(getattr(net, "text_encoder", None), "config", None)
+    if txt is not None:
+        out.update(text_encoder=getattr(net, "text_source", "?"), text_hidden=txt.hidden_size,
+                   text_layers=txt.num_hidden_layers, freeze_text=getattr(net, "freeze_text", None))
+    if hasattr(net, "layers"):
+        out.update(fusion_layers=len(net.layers), fusion_dim=getattr(net, "fusion_dim", None),
+                   aligner=getattr(net, "aligner_type", None))
+    return out
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+def image_records(input_path: str, split: str = "test") -> list[dict]:
+    """Records for inference from a folder of images (recursive), one image file, or a datalist JSON (+ split).
+
+    Each record has ``image`` and ``index``; a datalist keeps its metadata too.
+    """
+    if not os.path.exists(input_path):
+        raise FileNotFoundError(f"inference input {input_path!r} does not exist: give a folder of PNG/JPEG/DICOM "
+                                f"files, one image file, or a datalist JSON with --input_path")
+    if os.path.isfile(input_path) and input_path.lower().endswith(".json"):
+        from bundle.data import datalist as dl
+
+        return split_records(dl.load(input_path), split)
+    if os.path.isfile(input_path):
+        return with_index([{"image": os.path.abspath(input_path)}])
+    files = sorted(
+        os.path.join(root, f)
+        for root, _, names in os.walk(input_path)
+        for f in names
+        if f.lower().endswith(IMAGE_SUFFIXES)
+    )
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {input_path!r}")
+    return with_index([{"image": os.path.abspath(f)} for f in files])
+
