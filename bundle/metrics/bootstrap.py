@@ -10,19 +10,24 @@ weight), and a chunk of replicates is a (B, n) weight matrix processed with a fe
   ``(C[lo_i] + C[hi_i]) / 2``, where C is the cumulative negative weight and lo/hi are the positions of the
   score's tie block among the negatives (precomputed once with searchsorted). With weights 1 this is exactly
   sklearn's roc_auc_score (ties count one half).
-* Threshold metrics, ECE and BCE are sums of per-sample quantities: weighted counts over runs of equal
-  (subgroup, ECE bin, prediction) in the same sorted order, computed as small matrix products.
+* Confusion counts come from the same cumulative sums at the group and threshold positions.
+* ECE and BCE are sums of per-sample quantities: a sparse (class x group x bin, patient) matrix times the
+  weights of all replicates of a chunk at once.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from .core import N_ECE_BINS, bce_terms, ece_bins, metrics_from_sums
 
-__all__ = ["patient_index", "patient_strata", "patient_weights", "ClassPlan", "percentile_ci", "default_chunk"]
+__all__ = ["patient_index", "patient_strata", "patient_weights", "ClassPlan", "GroupedBootstrap", "percentile_ci",
+           "default_chunk", "default_jobs", "for_each_chunk"]
 
 
 def patient_index(patient_id, n: int) -> tuple[np.ndarray, int]:
@@ -62,137 +67,176 @@ def default_chunk(n_samples: int) -> int:
     return int(np.clip(2_000_000 // max(n_samples, 1), 4, 128))
 
 
-def patient_weights(strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int) -> Iterator[np.ndarray]:
-    """Yield (b, P) int64 draw counts, ``n_boot`` rows in all.
+def patient_weights(strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int,
+                    start: int = 0) -> Iterator[np.ndarray]:
+    """Yield (b, P) integer draw counts (uint8, or int32 if a count exceeds 255), replicates start..n_boot-1.
 
     Within every stratum, as many patients as the stratum holds are drawn with replacement, so subgroup sizes
     (in patients) are fixed. Replicate b uses its own generator seeded by (seed, stream, b): results do not
-    depend on the chunk size.
+    depend on the chunk size, on ``start`` or on how replicates are split between threads.
     """
     strata = np.asarray(strata)
     n_pat = strata.size
-    members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
-    for start in range(0, n_boot, chunk):
-        b = min(chunk, n_boot - start)
+    order = np.argsort(strata, kind="stable")  # patients grouped by stratum
+    _, first, size = np.unique(strata[order], return_index=True, return_counts=True)
+    base = np.repeat(first, size).astype(np.float64)  # for every draw: its stratum's first position ...
+    span = np.repeat(size, size).astype(np.float64)  # ... and size
+    for lo in range(start, n_boot, chunk):
+        b = min(chunk, n_boot - lo)
         flat = np.empty((b, n_pat), dtype=np.int64)
         for j in range(b):
-            rng = np.random.default_rng([seed, stream, start + j])
-            pos = 0
-            for m in members:
-                flat[j, pos:pos + m.size] = m[rng.integers(0, m.size, m.size)]
-                pos += m.size
+            u = np.random.default_rng([seed, stream, lo + j]).random(n_pat)
+            # uniform position inside the stratum (floor(u * size); bias <= size / 2**53, negligible)
+            np.floor(base + u * span, out=u)
+            flat[j] = u
         flat += (np.arange(b, dtype=np.int64) * n_pat)[:, None]
-        yield np.bincount(flat.ravel(), minlength=b * n_pat).reshape(b, n_pat)
+        counts = np.bincount(flat.ravel(), minlength=b * n_pat).reshape(b, n_pat)
+        counts = counts[:, np.argsort(order)]  # positions back to patient indices
+        # uint8 when possible: the kernels' gathers are memory bound
+        yield counts.astype(np.uint8 if counts.max(initial=0) <= 255 else np.int32)
+
+
+def default_jobs() -> int:
+    """Threads for the bootstrap: up to 2 (numpy releases the GIL in the gathers, cumsums and sparse products)."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def for_each_chunk(fn, strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int,
+                   n_jobs: int | None = None) -> None:
+    """Call ``fn(W, start)`` for every chunk of replicate weights; replicates are split into ``n_jobs`` contiguous
+    ranges processed by threads. Results are identical for any n_jobs / chunk (per-replicate seeds)."""
+    n_jobs = default_jobs() if n_jobs is None else max(1, int(n_jobs))
+    n_jobs = min(n_jobs, max(1, -(-n_boot // max(chunk, 1))))  # no more threads than chunks
+
+    def work(lo: int, hi: int) -> None:
+        pos = lo
+        for W in patient_weights(strata, hi, seed, stream, chunk, start=lo):
+            fn(W, pos)
+            pos += W.shape[0]
+
+    bounds = np.linspace(0, n_boot, n_jobs + 1).astype(int)
+    if n_jobs == 1:
+        work(0, n_boot)
+        return
+    with ThreadPoolExecutor(max_workers=n_jobs) as ex:
+        for f in [ex.submit(work, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+            f.result()
 
 
 class ClassPlan:
-    """Precomputed sort and run structure of one class under one grouping.
+    """Precomputed sort structure of one class under one grouping: AUC and confusion counts per group.
 
     y, s: labels (0/1) and scores of the class's known-label samples; codes: their group codes (0..G-1);
     cols: the column (patient or sample index) each sample reads its weight from.
     """
 
     def __init__(self, y: np.ndarray, s: np.ndarray, codes: np.ndarray, n_groups: int, cols: np.ndarray,
-                 threshold: float):
+                 threshold: float = 0.5):
         y = np.asarray(y, dtype=float)
         s = np.asarray(s, dtype=float)
         codes = np.asarray(codes, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
         self.G = n_groups
         order = np.lexsort((s, codes))
         pos = y[order] == 1
-        self.neg_order, self.pos_order = order[~pos], order[pos]
-        self.neg_cols, self.pos_cols = cols[self.neg_order], cols[self.pos_order]
-        sn, sp = s[self.neg_order], s[self.pos_order]
-        gn, gp = codes[self.neg_order], codes[self.pos_order]
+        neg_order, pos_order = order[~pos], order[pos]
+        self.neg_cols, self.pos_cols = cols[neg_order], cols[pos_order]
+        sn, sp = s[neg_order], s[pos_order]
         gr = np.arange(n_groups + 1)
-        self.neg_bounds = np.searchsorted(gn, gr)  # group g occupies [bounds[g], bounds[g+1])
-        self.pos_bounds = np.searchsorted(gp, gr)
+        self.neg_bounds = np.searchsorted(codes[neg_order], gr)  # group g occupies [bounds[g], bounds[g+1])
+        self.pos_bounds = np.searchsorted(codes[pos_order], gr)
         lo = np.empty(sp.size, dtype=np.int64)
         hi = np.empty(sp.size, dtype=np.int64)
+        self.neg_thr = np.empty(n_groups, dtype=np.int64)  # first negative of the group predicted positive
+        self.pos_thr = np.empty(n_groups, dtype=np.int64)
         for g in range(n_groups):
             a, b = self.pos_bounds[g], self.pos_bounds[g + 1]
             na, nb = self.neg_bounds[g], self.neg_bounds[g + 1]
             lo[a:b] = na + np.searchsorted(sn[na:nb], sp[a:b], side="left")
             hi[a:b] = na + np.searchsorted(sn[na:nb], sp[a:b], side="right")
+            self.neg_thr[g] = na + np.searchsorted(sn[na:nb], threshold, side="left")  # yhat = s >= threshold
+            self.pos_thr[g] = a + np.searchsorted(sp[a:b], threshold, side="left")
         self.lo, self.hi = lo, hi
         self.ties = bool(np.any(lo != hi))
-        # runs of equal (group, ECE bin, prediction): contiguous in the sorted order
-        self.runs = [self._runs(g_, s_, threshold, lab) for g_, s_, lab in ((gn, sn, 0.0), (gp, sp, 1.0))]
 
-    def _runs(self, g, s, threshold, label):
-        yhat = (s >= threshold).astype(np.int64)
-        b = ece_bins(s)
-        key = (g * N_ECE_BINS + b) * 2 + yhat
-        starts = np.flatnonzero(np.diff(key)) + 1 if key.size else np.zeros(0, np.int64)
-        starts = np.concatenate([[0], starts]).astype(np.int64) if key.size else starts
-        ends = np.append(starts[1:], key.size)
-        # per-sample values summed per run: count, score (for ECE), cross-entropy
-        vals = np.stack([np.ones_like(s), s, bce_terms(np.full(s.shape, label), s)], axis=1)
-        return starts, ends, g[starts], b[starts], yhat[starts], vals
-
-    def sums(self, W: np.ndarray) -> dict[str, np.ndarray]:
-        """Weighted sufficient statistics per group for a (B, P) integer weight matrix -> float arrays (G, B)."""
-        B, G = W.shape[0], self.G
-        # int32 gathers and cumulative sums are exact (total weight << 2**31) and twice as fast as float64
-        W = np.asarray(W, dtype=np.int32)
+    def counts(self, W: np.ndarray) -> dict[str, np.ndarray]:
+        """npos, nneg, tp, fp and u2 (twice the Mann-Whitney U) per group, float arrays (G, B)."""
+        # small-integer gathers and int32 cumulative sums are exact (total weight << 2**31) and several times
+        # faster than float64 ones
+        if W.dtype not in (np.uint8, np.int32):
+            W = W.astype(np.uint8 if W.size and 0 <= W.min() and W.max() <= 255 else np.int32)
+        B = W.shape[0]
         Wn = np.take(W, self.neg_cols, axis=1)
         Wp = np.take(W, self.pos_cols, axis=1)
         C = np.zeros((B, Wn.shape[1] + 1), dtype=np.int32)
         np.cumsum(Wn, axis=1, dtype=np.int32, out=C[:, 1:])
-        X = np.take(C, self.lo, axis=1)
+        Cp = np.zeros((B, Wp.shape[1] + 1), dtype=np.int32)
+        np.cumsum(Wp, axis=1, dtype=np.int32, out=Cp[:, 1:])
+        X = np.take(C, self.lo, axis=1)  # negatives below (2x) ...
         if self.ties:
-            X += np.take(C, self.hi, axis=1)
+            X += np.take(C, self.hi, axis=1)  # ... ties counted once
         else:
             X *= 2
-        Wnf, Wpf, Xf = Wn.astype(np.float64), Wp.astype(np.float64), X.astype(np.float64)  # float sums exact < 2**53
-        del X
-        C0 = C[:, self.neg_bounds].astype(np.float64)  # cumulative negatives at each group boundary
-        out = {k: np.zeros((G, B)) for k in ("npos", "nneg", "tp", "fp", "u2", "ece_abs", "bce")}
-        for g in range(G):
-            a, b = self.pos_bounds[g], self.pos_bounds[g + 1]
-            npos = Wpf[:, a:b].sum(axis=1)
-            out["npos"][g] = npos
-            out["nneg"][g] = C0[:, g + 1] - C0[:, g]
-            # 2U relative to the group: subtract the negatives of earlier groups counted in C
-            out["u2"][g] = np.einsum("bi,bi->b", Wpf[:, a:b], Xf[:, a:b]) - 2 * C0[:, g] * npos
-        ece_signed = np.zeros((G, N_ECE_BINS, B))
-        for label, (Wx, (starts, ends, rg, rb, ry, vals)) in enumerate(zip((Wnf, Wpf), self.runs)):
-            for i in range(starts.size):
-                a, b = starts[i], ends[i]
-                cnt, ssum, bsum = (Wx[:, a:b] @ vals[a:b]).T
-                g = rg[i]
-                if ry[i]:
-                    out["tp" if label else "fp"][g] += cnt
-                ece_signed[g, rb[i]] += label * cnt - ssum
-                out["bce"][g] += bsum
-        out["ece_abs"] = np.abs(ece_signed).sum(axis=1)
-        return out
+        Xf, Wpf = X.astype(np.float64), Wp.astype(np.float64)  # float sums below stay exact (< 2**53)
+        Cn_b = C[:, self.neg_bounds].T.astype(np.float64)  # (G + 1, B)
+        Cp_b = Cp[:, self.pos_bounds].T.astype(np.float64)
+        npos = Cp_b[1:] - Cp_b[:-1]
+        u2 = np.stack([np.einsum("bi,bi->b", Wpf[:, a:b], Xf[:, a:b])
+                       for a, b in zip(self.pos_bounds[:-1], self.pos_bounds[1:])]) if self.G else np.zeros((0, B))
+        return {
+            "npos": npos,
+            "nneg": Cn_b[1:] - Cn_b[:-1],
+            "tp": Cp_b[1:] - Cp[:, self.pos_thr].T,
+            "fp": Cn_b[1:] - C[:, self.neg_thr].T,
+            # 2U relative to the group: C also counts the negatives of earlier groups
+            "u2": u2 - 2 * Cn_b[:-1] * npos,
+        }
 
     def auc(self, W: np.ndarray) -> np.ndarray:
         """Only the AUC (G, B) for a (B, P) integer weight matrix (used by the permutation test)."""
-        W = np.asarray(W, dtype=np.int32)
-        Wn = np.take(W, self.neg_cols, axis=1)
-        Wp = np.take(W, self.pos_cols, axis=1)
-        C = np.zeros((W.shape[0], Wn.shape[1] + 1), dtype=np.int32)
-        np.cumsum(Wn, axis=1, dtype=np.int32, out=C[:, 1:])
-        X = np.take(C, self.lo, axis=1)
-        if self.ties:
-            X += np.take(C, self.hi, axis=1)
-        else:
-            X *= 2
-        Wpf, Xf = Wp.astype(np.float64), X.astype(np.float64)
-        C0 = C[:, self.neg_bounds].astype(np.float64)
-        npos = np.stack([Wpf[:, a:b].sum(axis=1) for a, b in zip(self.pos_bounds[:-1], self.pos_bounds[1:])])
-        u2 = np.stack([np.einsum("bi,bi->b", Wpf[:, a:b], Xf[:, a:b]) for a, b in
-                       zip(self.pos_bounds[:-1], self.pos_bounds[1:])]) - 2 * C0[:, :-1].T * npos
-        nneg = np.diff(C0, axis=1).T
+        t = self.counts(W)
         with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where((npos > 0) & (nneg > 0), u2 / (2 * npos * nneg), np.nan)
+            return np.where((t["npos"] > 0) & (t["nneg"] > 0), t["u2"] / (2 * t["npos"] * t["nneg"]), np.nan)
+
+
+class GroupedBootstrap:
+    """All classes under one grouping: per replicate weights (B, P) -> every metric as (C, G, B).
+
+    AUC and confusion counts come from one ClassPlan per class; ECE and BCE are linear in the weights, so their
+    per-(class, group, bin) sums over patients form a sparse (K, P) matrix applied to all replicates at once.
+    """
+
+    def __init__(self, y: np.ndarray, s: np.ndarray, known: np.ndarray, codes: np.ndarray, n_groups: int,
+                 cols: np.ndarray, n_cols: int, thresholds):
+        y, s = np.asarray(y, dtype=float), np.asarray(s, dtype=float)
+        C = y.shape[1]
+        self.C, self.G = C, n_groups
+        codes = np.asarray(codes, dtype=np.int64)
+        cols = np.asarray(cols, dtype=np.int64)
+        self.plans = [ClassPlan(y[known[:, c], c], s[known[:, c], c], codes[known[:, c]], n_groups,
+                                cols[known[:, c]], float(thresholds[c])) for c in range(C)]
+        rows, vals, pcols = [], [], []
+        nb = N_ECE_BINS + 1  # 10 ECE bins (sum of y - s) and the BCE sum, per class and group
+        for c in range(C):
+            k = known[:, c]
+            yc, sc, gc = y[k, c], s[k, c], codes[k]
+            base = (c * n_groups + gc) * nb
+            rows += [base + ece_bins(sc), base + N_ECE_BINS]
+            vals += [yc - sc, bce_terms(yc, sc)]
+            pcols += [cols[k], cols[k]]
+        rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        self.F = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0), (rows_a, np.concatenate(pcols)
+                                if pcols else np.zeros(0, np.int64))), shape=(C * n_groups * nb, n_cols))
 
     def metrics(self, W: np.ndarray) -> dict[str, np.ndarray]:
-        """Metrics (G, B) for a (B, P) weight matrix (undefined values NaN)."""
-        t = self.sums(W)
-        return metrics_from_sums(t["npos"], t["nneg"], t["tp"], t["fp"], t["u2"], t["ece_abs"], t["bce"])
+        B = W.shape[0]
+        lin = (self.F @ np.ascontiguousarray(W.T, dtype=np.float64)).reshape(self.C, self.G, N_ECE_BINS + 1, B)
+        ece_abs = np.abs(lin[:, :, :N_ECE_BINS]).sum(axis=2)
+        bce = lin[:, :, N_ECE_BINS]
+        cnt = [p.counts(W) for p in self.plans]
+        st = {k: np.stack([t[k] for t in cnt]) if cnt else np.zeros((0, self.G, B))
+              for k in ("npos", "nneg", "tp", "fp", "u2")}
+        return metrics_from_sums(st["npos"], st["nneg"], st["tp"], st["fp"], st["u2"], ece_abs, bce)
 
 
 def percentile_ci(samples: np.ndarray, ci: float, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:

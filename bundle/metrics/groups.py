@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pandas as pd
 
 __all__ = [
     "UNKNOWN",
@@ -56,25 +57,34 @@ def _as_list(values) -> list:
         raise TypeError(f"expected a sequence of values (one per sample), got {type(values).__name__}") from None
 
 
+def _sex_one(v) -> str:
+    if _is_missing(v) or isinstance(v, bool | np.bool_):
+        return UNKNOWN  # a boolean carries no documented sex coding
+    if isinstance(v, int | np.integer | float | np.floating):
+        v = str(int(v)) if float(v).is_integer() else str(v)
+    s = str(v).strip().lower()
+    return "M" if s in _MALE else "F" if s in _FEMALE else UNKNOWN
+
+
+def _map_unique(values, fn) -> np.ndarray:
+    """Apply ``fn`` once per distinct value (few distinct values, many samples); missing -> fn(None)."""
+    lst = _as_list(values)
+    if any(isinstance(v, bool | np.bool_) for v in lst):  # factorize would merge True with 1
+        return np.asarray([fn(v) for v in lst], dtype=object).reshape(len(lst))
+    arr = np.empty(len(lst), dtype=object)
+    arr[:] = lst
+    codes, uniq = pd.factorize(arr)  # None / NaN -> -1
+    lookup = np.asarray([fn(u) for u in uniq] + [fn(None)], dtype=object)
+    return lookup[codes]
+
+
 def normalize_sex(values) -> np.ndarray:
     """Map sex codes to "M" / "F" / "unknown".
 
     "M", "Male", "male" (any case) and the ISO/IEC 5218 code 1 -> "M"; "F", "Female" and code 2 -> "F";
     anything else (missing, "O", "Other", 0, 9, ...) -> "unknown".
     """
-    out = []
-    for v in _as_list(values):
-        if _is_missing(v):
-            out.append(UNKNOWN)
-            continue
-        if isinstance(v, bool | np.bool_):
-            out.append(UNKNOWN)  # a boolean carries no documented sex coding
-            continue
-        if isinstance(v, int | np.integer | float | np.floating):
-            v = str(int(v)) if float(v).is_integer() else str(v)
-        s = str(v).strip().lower()
-        out.append("M" if s in _MALE else "F" if s in _FEMALE else UNKNOWN)
-    return np.asarray(out, dtype=object)
+    return _map_unique(values, _sex_one)
 
 
 def _edge_str(e: float) -> str:
@@ -127,17 +137,17 @@ def age_groups(ages, scheme: str | Sequence[float] = "chexclusion") -> np.ndarra
     return out
 
 
+def _label_one(v) -> str:
+    if _is_missing(v):
+        return UNKNOWN
+    if isinstance(v, float | np.floating) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def clean_labels(values) -> np.ndarray:
     """Generic attribute values -> str labels; missing (None, NaN, "") -> "unknown"."""
-    out = []
-    for v in _as_list(values):
-        if _is_missing(v):
-            out.append(UNKNOWN)
-        elif isinstance(v, float | np.floating) and float(v).is_integer():
-            out.append(str(int(v)))
-        else:
-            out.append(str(v))
-    return np.asarray(out, dtype=object)
+    return _map_unique(values, _label_one)
 
 
 def intersect_groups(*label_arrays, sep: str = " & ") -> np.ndarray:
