@@ -44,6 +44,7 @@ _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIG = b"\xff\xd8\xff"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JPEG_BASELINE_UID = "1.2.840.10008.1.2.4.50"
+_JPEGLS_UIDS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
 _J2K_UIDS = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
              "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
 
@@ -123,9 +124,9 @@ def _resize_area(img: np.ndarray, hw: tuple[int, int], shift: float = 0.0) -> np
         pim = Image.fromarray(np.pad(src, 1, mode="edge"), mode="F")
         sh, sw = src.shape
         box = (1 + shift, 1 + shift, 1 + shift + sw, 1 + shift + sh)
-        # BOX degenerates to a copy at scale 1, so use bilinear (= the exact sub-pixel shift) when not shrinking
-        filt = Image.Resampling.BOX if (h < sh and w < sw) else Image.Resampling.BILINEAR
-        return np.asarray(pim.resize((w, h), filt, box=box), dtype=np.float32)
+        # bilinear (PIL widens its support when shrinking, so it still anti-aliases the remaining factor < 2);
+        # PIL's BOX ignores sub-pixel box offsets at scales near 1 (measured), which would undo the shift
+        return np.asarray(pim.resize((w, h), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
     pim = Image.fromarray(src, mode="F")
     fy, fx = img.shape[0] // h, img.shape[1] // w
     f = min(fx, fy)
@@ -241,6 +242,12 @@ def _j2k_codestream_info(cs: bytes) -> dict | None:
         return info
     except (struct.error, IndexError):
         return None
+
+
+def _has_pyjpegls() -> bool:
+    from pydicom.pixels.decoders import JPEGLSLosslessDecoder
+
+    return "pyjpegls" in JPEGLSLosslessDecoder.available_plugins
 
 
 def _dicom_frame_bytes(ds) -> bytes:
@@ -400,6 +407,9 @@ def _load_dicom(path, target_size: int | None):
         arr = None  # any trouble with the fast paths: the reference decoder below decides
     if arr is None:
         try:
+            if ts in _JPEGLS_UIDS and _has_pyjpegls():
+                # pydicom's default JPEG-LS plugin (pylibjpeg/libjpeg) decodes ~4x slower than CharLS (pyjpegls)
+                ds.pixel_array_options(decoding_plugin="pyjpegls")
             arr = ds.pixel_array
         except Exception as e:
             raise _err(path, f"pixel data could not be decoded ({type(e).__name__}: {e})",
