@@ -123,17 +123,15 @@ def _run(quick: bool) -> dict:
         for name, paths in files.items():
             tb, to, tc = [], [], []
             for p in paths:
-                pb, po, pc = [], [], []
-                for _ in range(reps):  # interleaved, median per file: robust to a busy shared machine
-                    t = time.perf_counter()
-                    _baseline(p, size)
-                    pb.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    load_cxr(p, target_size=size)
-                    po.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    run_chain(p)
-                    pc.append(time.perf_counter() - t)
+                times: dict[str, list[float]] = {"base": [], "ours": [], "chain": []}
+                fns = [("base", lambda: _baseline(p, size)), ("ours", lambda: load_cxr(p, target_size=size)),
+                       ("chain", lambda: run_chain(p))]
+                for r in range(reps):  # interleaved, order rotated each repeat: no method always runs first
+                    for key, fn in fns[r % 3:] + fns[:r % 3]:
+                        t = time.perf_counter()
+                        fn()
+                        times[key].append(time.perf_counter() - t)
+                pb, po, pc = times["base"], times["ours"], times["chain"]
                 tb.append(statistics.median(pb))
                 to.append(statistics.median(po))
                 tc.append(statistics.median(pc))
