@@ -36,6 +36,8 @@ __all__ = [
     "BestModelSaver",
     "ResumeCheckpoint",
     "SafeMLFlowHandler",
+    "EpochSummary",
+    "loss_components",
     "atomic_torch_save",
     "unwrap",
 ]
@@ -397,16 +399,20 @@ class SafeMLFlowHandler(MLFlowHandler):
         self._guard(fn, self.cur_run.info.run_id, path, artifact_path)
 
 
-class LogLossComponents:
-    """Puts L_CE, L_AL and the number of aligned pairs of every iteration into the MLflow run.
+def loss_components(output: Mapping) -> dict[str, float]:
+    """MLFlowHandler output_transform for the trainer: total loss, L_CE, L_AL and the number of aligned pairs."""
+    out = {"train_loss": float(output["loss"])}
+    for k in ("loss_ce", "loss_al", "n_aligned"):
+        if k in output:
+            out[f"train_{k}"] = float(output[k])
+    return out
 
-    MONAI's MLFlowHandler logs one loss value per iteration; this adds the components under
-    ``train_loss_ce`` / ``train_loss_al`` / ``train_n_aligned`` (step = iteration), and the epoch
-    means at epoch end (step = epoch) to ``engine.state.metrics`` for the per-epoch summary line.
+
+class EpochSummary:
+    """Epoch means of L_CE, L_AL, aligned pairs and the training throughput (images/s, training time only).
+
+    Written to ``engine.state.metrics`` (so MLflow logs them per epoch) and printed as one line per epoch.
     """
-
-    def __init__(self, mlflow_handler: SafeMLFlowHandler | None = None, every: int = 1):
-        self.mlflow, self.every = mlflow_handler, every
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
@@ -421,13 +427,10 @@ class LogLossComponents:
         self._t_last = time.perf_counter()  # training time only: validation runs after the last iteration
         out = engine.state.output
         self._images += int(out["image"].shape[0]) if "image" in out else 0
-        vals = {k: float(out[k]) for k in ("loss", "loss_ce", "loss_al", "n_aligned") if k in out}
-        for k, v in vals.items():
-            self._sum[k] = self._sum.get(k, 0.0) + v
+        for k in ("loss", "loss_ce", "loss_al", "n_aligned"):
+            if k in out:
+                self._sum[k] = self._sum.get(k, 0.0) + float(out[k])
         self._n += 1
-        if self.mlflow is not None and engine.state.iteration % self.every == 0:
-            comp = {f"train_{k}": v for k, v in vals.items() if k != "loss"}
-            self.mlflow._guard(self.mlflow._log_metrics, comp, engine.state.iteration) if self.mlflow.cur_run else None
 
     def _epoch(self, engine: Engine) -> None:
         n = max(self._n, 1)

@@ -7,7 +7,21 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["rank", "with_index", "file_digest", "split_records", "pick_device", "experiment_params", "parameter_groups"]
+__all__ = ["as_bool", "rank", "with_index", "file_digest", "split_records", "pick_device", "experiment_params", "parameter_groups"]
+
+
+def as_bool(value, name: str = "flag") -> bool:
+    """A command-line flag as a bool: fire passes ``--x false`` as the *string* "false", which is truthy."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    s = str(value).strip().lower()
+    if s in ("true", "yes", "1", "on"):
+        return True
+    if s in ("false", "no", "0", "off", "none", ""):
+        return False
+    raise ValueError(f"{name}={value!r} is not a yes/no value: use true or false")
 
 
 def with_index(records: Sequence[Mapping]) -> list[dict]:
