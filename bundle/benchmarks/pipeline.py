@@ -54,7 +54,8 @@ def _write_files(d: str, h: int, w: int, n: int) -> dict[str, list[str]]:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
         ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientSex, ds.PatientAge, ds.ViewPosition = "DX", "F", "061Y", "PA"
         ds.Rows, ds.Columns, ds.SamplesPerPixel = h, w, 1
         ds.PhotometricInterpretation = "MONOCHROME1"

@@ -66,7 +66,8 @@ class Letterboxd(MapTransform):
         for key, mode in self.key_iterator(d, self.modes):
             img = d[key]
             if img.ndim != 3:
-                raise ValueError(f"Letterboxd: d[{key!r}] must be channel-first (C, H, W), got shape {tuple(img.shape)}")
+                raise ValueError(f"Letterboxd: d[{key!r}] must be channel-first (C, H, W), "
+                                 f"got shape {tuple(img.shape)}")
             orig = d.get("orig_size")
             h, w = (int(v) for v in (img.shape[-2:] if orig is None else orig))
             self._check_aspect(img.shape[-2:], (h, w), key)

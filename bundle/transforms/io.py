@@ -18,7 +18,7 @@ import io
 import os
 import struct
 import warnings
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping
 
 import numpy as np
 import torch
@@ -374,7 +374,8 @@ def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None
         raise
     except Exception as e:
         raise _err(path, f"DICOM LUT/window attributes could not be applied ({type(e).__name__}: {e})",
-                   "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width in the header") from e
+                   "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width "
+                   "in the header") from e
     if hi == lo:
         res = np.zeros(out.shape, np.float32)
     else:  # lo > hi happens with a negative slope: the division handles the orientation
