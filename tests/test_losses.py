@@ -55,6 +55,24 @@ def test_alignment_loss_upsamples_attention_to_mask():
     assert AlignmentLoss(eps=0.0, resolution="attention")(p, y, sel).item() == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("grid,size", [((8, 8), (128, 128)), ((14, 14), (224, 224)), ((3, 5), (10, 17))])
+def test_alignment_loss_matches_explicit_upsampling(grid, size):
+    """The loss (computed without materialising the upsampled maps) equals upsample-then-sum, values and grads."""
+    torch.manual_seed(0)
+    p = torch.rand(2, 3, *grid, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(2, 3, *size, dtype=torch.float64)  # soft masks too
+    y[0, 0] = (y[0, 0] > 0.5).double()
+    sel = torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    got = AlignmentLoss(w_fp=2.0, alpha=1.0, eps=1e-6, reduction="none")(p, y, sel)
+    (g_got,) = torch.autograd.grad(got.sum(), p)
+    up = torch.nn.functional.interpolate(p, size=size, mode="bilinear", align_corners=False)
+    inter, tot, fp = (y * up).sum((-2, -1)), (y + up).sum((-2, -1)), (up * (1 - y)).sum((-2, -1))
+    ref = (1 - (2 * inter + 1 + 1e-6) / (tot + fp + 1 + 1e-6)) * sel
+    (g_ref,) = torch.autograd.grad(ref.sum(), p)
+    assert torch.allclose(got, ref, atol=1e-12)
+    assert torch.allclose(g_got, g_ref, atol=1e-12)
+
+
 def test_alignment_loss_gradcheck():
     torch.manual_seed(0)
     p = torch.rand(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)
