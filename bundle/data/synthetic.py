@@ -204,10 +204,15 @@ def _site_patients(seed: int, site: str, n_images: int, params: SyntheticParams)
     return items
 
 
-def _exact_choice(rng, idx: np.ndarray, p: float) -> set:
-    """Exactly round(p * n) of ``idx`` (stratified draws keep realised rates at the requested ones)."""
-    k = int(round(p * len(idx)))
-    return set(idx[rng.permutation(len(idx))[:k]].tolist()) if k else set()
+def _exact_choice(rng, idx: np.ndarray, p: float, carry: float = 0.0) -> tuple[set, float]:
+    """round(p * n + carry) of ``idx`` and the rounding remainder to carry into the next cell.
+
+    Stratified draws keep realised rates at the requested ones in every cell, and the carry keeps the
+    total exact across many small cells."""
+    target = p * len(idx) + carry
+    k = min(len(idx), max(0, int(round(target))))
+    chosen = set(idx[rng.permutation(len(idx))[:k]].tolist()) if k else set()
+    return chosen, target - k
 
 
 def plan(seed: int = 0, params: SyntheticParams | None = None) -> dict[str, list[dict]]:
@@ -228,18 +233,23 @@ def plan(seed: int = 0, params: SyntheticParams | None = None) -> dict[str, list
         strong = np.asarray([params.in_strong_group(it["sex"], it["age"]) for it in items], dtype=bool)
         tags = np.zeros_like(labels)
         annotated = np.zeros_like(labels)
+        # cells = (sex, age group, subgroup strength): tags are drawn exactly per cell, so the realised
+        # tag/label correlation is the requested one in every sex and age subgroup (0 in test_ood)
+        keys = [(it["sex"], dl.age_group(it["age"]), bool(st)) for it, st in zip(items, strong)]
+        cells = {k: np.asarray([i for i, kk in enumerate(keys) if kk == k], dtype=int) for k in sorted(set(keys))}
         for c in range(len(CLASSES)):
             for y in (1, 0):
-                if split == "test_ood":  # the tag carries no information about the label here
-                    cells = [(np.ones(len(items), bool), params.ood_marker_rate)]
-                else:
-                    cells = [(strong, params.shortcut_strong[1 - y]), (~strong, params.shortcut_weak[1 - y])]
-                for member, p in cells:
-                    idx = np.flatnonzero(member & (labels[:, c] == y))
-                    for i in _exact_choice(rng, idx, p):
+                carry = {}
+                for (sex, group, is_strong), members in cells.items():
+                    if split == "test_ood":  # the tag carries no information about the label here
+                        p = params.ood_marker_rate
+                    else:
+                        p = (params.shortcut_strong if is_strong else params.shortcut_weak)[1 - y]
+                    chosen, carry[p] = _exact_choice(rng, members[labels[members, c] == y], p, carry.get(p, 0.0))
+                    for i in chosen:
                         tags[i, c] = 1
             pos = np.flatnonzero(labels[:, c] == 1)
-            for i in _exact_choice(rng, pos, params.annotated(split)):
+            for i in _exact_choice(rng, pos, params.annotated(split))[0]:
                 annotated[i, c] = 1
         for i, it in enumerate(items):
             it["shortcut"] = [int(x) for x in tags[i]]
