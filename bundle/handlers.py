@@ -208,7 +208,9 @@ class AlignmentFairnessMetric(PredictionCollector):
                 groups[a] = np.asarray(age_groups(ages, scheme=self.age_scheme), dtype=object)
             else:
                 groups[a] = np.asarray(["unknown" if v is None else str(v) for v in vals], dtype=object)
-        pids = np.asarray([str(r.get("patient_id", i)) for r, i in zip(recs, index)], dtype=object)
+        # a record without a patient id is its own patient (never merged with other id-less records)
+        pids = np.asarray([f"__record_{i}" if r.get("patient_id") in (None, "") else str(r["patient_id"])
+                           for r, i in zip(recs, index)], dtype=object)
         return groups, pids
 
     def compute(self) -> dict[str, float]:
@@ -339,7 +341,18 @@ class SafeMLFlowHandler(MLFlowHandler):
             else:
                 logger.warning(f"MLflow server {uri} is unreachable: MLflow logging is disabled for this run")
                 self._disabled = True
-        if kwargs.get("tracking_uri", "").startswith("sqlite:///"):
+        if self._disabled:
+            # Never touch the store from a disabled handler: under DDP every rank would otherwise create the
+            # SQLite tables at once (MLflow resolves the store eagerly) and race. An http URI is not contacted.
+            saved_env = os.environ.pop("MLFLOW_TRACKING_URI", None)
+            kwargs["tracking_uri"] = "http://mlflow-disabled.invalid"
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                if saved_env is not None:
+                    os.environ["MLFLOW_TRACKING_URI"] = saved_env
+            return
+        if (kwargs.get("tracking_uri") or "").startswith("sqlite:///"):
             os.makedirs(os.path.dirname(kwargs["tracking_uri"][len("sqlite:///"):]) or ".", exist_ok=True)
         super().__init__(*args, **kwargs)
 
