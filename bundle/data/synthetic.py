@@ -81,7 +81,7 @@ class SyntheticParams:
     prevalence_age_slope: float = 0.08  # prevalence change per 40 years of age
     label_persistence: float = 0.8  # P(a follow-up image keeps the patient's finding state)
     # finding contrast (display units; lung darkness is ~0.3): learnable but less salient than the tag
-    finding_contrast: tuple[float, float, float] = (0.15, 0.15, 0.05)
+    finding_contrast: tuple[float, float, float] = (0.22, 0.15, 0.05)
     annotated_fraction: tuple[tuple[str, float], ...] = (
         ("training", 0.8), ("validation", 1.0), ("test", 1.0), ("test_ood", 1.0))
     # the shortcut: (P(tag | positive), P(tag | negative)) in the strong and the weak subgroup (site A)
@@ -479,7 +479,7 @@ def _nodules(grid: _Grid, an, lung, rng):
     ys, xs = np.nonzero(lung)
     if len(ys) == 0:
         return []
-    blobs = [(rng.uniform(0.028, 0.045), 1)] * int(rng.integers(1, 4)) if rng.random() < 0.7 \
+    blobs = [(rng.uniform(0.03, 0.045), 1)] * int(rng.integers(1, 4)) if rng.random() < 0.7 \
         else [(rng.uniform(0.055, 0.08), 3)]
     h, w = grid.h, grid.w
     out = []
