@@ -188,7 +188,8 @@ class _Checker:
         k = f"attention[{j}]"
         if not isinstance(att, Mapping):
             self.add(split, i, k, f"must be an object, got {type(att).__name__}",
-                     'write {"class": ..., "type": ..., "coords": ..., "frame": [width, height]}', code="attention_type")
+                     'write {"class": ..., "type": ..., "coords": ..., "frame": [width, height]}',
+                     code="attention_type")
             return
         cls = att.get("class")
         if cls not in classes:
@@ -488,7 +489,8 @@ def load(path: str | os.PathLike, check_images: bool = False, strict: bool = Tru
             raw = json.load(f)
     except FileNotFoundError:
         raise DatalistError(f"{path}: datalist file not found; give the path of the datalist JSON "
-                            "(e.g. scripts/make_synthetic.py or scripts/prepare_data.py writes one)", path=path) from None
+                            "(e.g. scripts/make_synthetic.py or scripts/prepare_data.py writes one)",
+                            path=path) from None
     except json.JSONDecodeError as e:
         raise DatalistError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                             "fix the syntax (comments and trailing commas are not allowed in JSON)", path=path) from e
@@ -501,9 +503,9 @@ def load(path: str | os.PathLike, check_images: bool = False, strict: bool = Tru
         raise DatalistError(_format(problems, path), problems, path)
     out = _normalize(raw, base_dir)
     if problems:
-        log = logger.error if errors else logger.info
+        log = logger.error if errors else logger.warning
         log("%s", _format(problems, path))
-    if errors or not strict:
+    if not strict:
         out["_problems"] = problems
     return out
 
