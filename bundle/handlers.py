@@ -330,7 +330,14 @@ class SafeMLFlowHandler(MLFlowHandler):
     only rank 0 logs.
     """
 
-    def __init__(self, *args, fallback_uri: str | None = None, probe_timeout: float = 3.0, **kwargs):
+    def __init__(self, *args, fallback_uri: str | None = None, probe_timeout: float = 3.0,
+                 parent_run_id: str | None = None, run_tags: Mapping | None = None,
+                 run_of: "SafeMLFlowHandler | None" = None, **kwargs):
+        # run_of: log into the run of another handler (the validator into the trainer's run), never into
+        # "the latest active run" of the experiment, which may belong to another process of a study.
+        self.run_of = run_of
+        # parent_run_id nests this run under a study's parent run (MLflow's "mlflow.parentRunId" tag)
+        self.run_tags = {**(run_tags or {}), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
         uri = os.environ.get("MLFLOW_TRACKING_URI") or kwargs.get("tracking_uri")
         self._disabled = _rank() != 0  # under DDP only rank 0 logs
         if not self._disabled and uri and uri.startswith(("http://", "https://")) and not self._reachable(uri, probe_timeout):
@@ -377,7 +384,16 @@ class SafeMLFlowHandler(MLFlowHandler):
             return None
 
     def start(self, engine: Engine) -> None:
+        if self.run_of is not None:
+            if self.run_of.cur_run is None:  # the owner is disabled or not started: nothing to log into
+                self._disabled = True
+                return
+            self.experiment, self.cur_run = self.run_of.experiment, self.run_of.cur_run
+            return
         self._guard(super().start, engine)
+        if self.cur_run is not None and self.run_tags:
+            for k, v in self.run_tags.items():
+                self._guard(self.client.set_tag, self.cur_run.info.run_id, k, str(v))
 
     def epoch_completed(self, engine: Engine) -> None:
         self._guard(super().epoch_completed, engine)
