@@ -33,6 +33,7 @@ from bundle.metrics import (
     select_threshold,
     upsample_bilinear,
 )
+from bundle.metrics.groups import age_years, sex_label
 
 
 def _data(n=600, c=2, seed=0, ties=False):
@@ -50,6 +51,29 @@ def test_normalize_sex():
     got = normalize_sex(["M", "Male", "male", 1, "1", "F", "Female", "female", 2, "f", "O", None, float("nan"), "",
                          0, 9, True])
     assert got.tolist() == ["M"] * 5 + ["F"] * 5 + ["unknown"] * 7
+    assert normalize_sex(["man", " Woman ", np.int64(1)]).tolist() == ["M", "F", "M"]
+
+
+@pytest.mark.parametrize("raw,sex", [("M", "M"), (" male ", "M"), ("Man", "M"), (1, "M"), (1.0, "M"), ("1", "M"),
+                                     ("f", "F"), ("FEMALE", "F"), ("woman", "F"), (2, "F"), (np.int64(2), "F"),
+                                     ("O", "unknown"), (0, "unknown"), (9, "unknown"), (1.5, "unknown"),
+                                     (True, "unknown"), (None, "unknown"), (float("nan"), "unknown"), ("", "unknown"),
+                                     ([1], "unknown")])
+def test_sex_label(raw, sex):
+    assert sex_label(raw) == sex
+
+
+@pytest.mark.parametrize("raw,years", [(57, 57.0), (57.5, 57.5), (np.float32(3.5), 3.5), ("57", 57.0),
+                                       (" 045Y ", 45.0), ("045y", 45.0), ("006M", 0.5), ("010W", 70 / 365.25),
+                                       ("003D", 3 / 365.25), (0, 0.0), (110, 110.0)])
+def test_age_years(raw, years):
+    assert age_years(raw) == pytest.approx(years)
+
+
+@pytest.mark.parametrize("raw", [None, True, "", "abc", "Y", "-5Y", "45X", -1, 110.5, "111Y", float("nan"),
+                                 float("inf"), [45]])
+def test_age_years_missing_or_impossible_is_none(raw):
+    assert age_years(raw) is None
 
 
 def test_age_schemes():
@@ -57,6 +81,10 @@ def test_age_schemes():
     assert age_groups(ages).tolist() == [
         "[0,20)", "[0,20)", "[20,40)", "[20,40)", "[40,60)", "[40,60)", "[60,80)", "[60,80)", "[80,inf)",
         "[80,inf)", "unknown", "unknown", "unknown", "unknown", "[40,60)", "unknown"]
+    # DICOM AS strings and numeric arrays (vectorised path) read like age_years
+    assert age_groups(["045Y", "006M", "130Y"]).tolist() == ["[40,60)", "[0,20)", "unknown"]
+    assert age_groups(np.array([5.0, np.nan, np.inf, 111, 65])).tolist() == [
+        "[0,20)", "unknown", "unknown", "unknown", "[60,80)"]
     assert age_groups([0, 17.9, 18, 40, 80], "yang2024").tolist() == [
         "[0,18)", "[0,18)", "[18,40)", "[40,60)", "[80,inf)"]
     assert age_groups([30, 60, 60.1, 90, -5], "binary60").tolist() == ["<=60", "<=60", ">60", ">60", "unknown"]

@@ -1,11 +1,17 @@
-"""Subgroup labels: sex normalisation, age binning schemes, intersections.
+"""Subgroup labels: sex normalisation, age parsing and binning schemes, intersections.
 
-Every function returns plain ``str`` labels (object arrays) so reports stay JSON-serialisable, and maps
-anything it cannot interpret to ``"unknown"`` (reported, counted, excluded from gaps) instead of dropping it.
+This module is the single home of the demographic semantics: the datalist loader/validator
+(bundle.data.datalist), the dataset converters (bundle.data.convert_common) and the DICOM reader
+(bundle.transforms.io) all call :func:`sex_label` / :func:`age_years` / :func:`age_groups` or share
+:data:`AGE_PATTERN`, :data:`AGE_UNIT_YEARS`, :data:`AGE_MIN` and :data:`AGE_MAX`.
+
+Every labelling function returns plain ``str`` labels (object arrays) so reports stay JSON-serialisable, and
+maps anything it cannot interpret to ``"unknown"`` (reported, counted, excluded from gaps) instead of dropping it.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
 
@@ -15,6 +21,12 @@ import pandas as pd
 __all__ = [
     "UNKNOWN",
     "AGE_SCHEMES",
+    "AGE_MIN",
+    "AGE_MAX",
+    "AGE_PATTERN",
+    "AGE_UNIT_YEARS",
+    "sex_label",
+    "age_years",
     "normalize_sex",
     "age_groups",
     "intersect_groups",
@@ -33,9 +45,15 @@ AGE_SCHEMES: dict[str, list[float] | str] = {
     "binary60": "binary60",  # MEDFAIR / FairMedFM: <=60 vs >60
 }
 
+#: An age as written in datasets: a number of years ("57", "57.5") or a DICOM AS string ("045Y", "006M",
+#: "003W", "010D"; unit letter in any case, blanks around it tolerated).
+AGE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*$", re.IGNORECASE)
+#: AGE_PATTERN's unit letter (upper case; "" = years) -> years per unit
+AGE_UNIT_YEARS: dict[str, float] = {"": 1.0, "Y": 1.0, "M": 1.0 / 12.0, "W": 7.0 / 365.25, "D": 1.0 / 365.25}
+
 # ISO/IEC 5218 numeric codes (1 male, 2 female; 0 not known, 9 not applicable -> unknown).
-_MALE = {"m", "male", "1"}
-_FEMALE = {"f", "female", "2"}
+_MALE = {"m", "male", "man", "1"}
+_FEMALE = {"f", "female", "woman", "2"}
 
 
 def _is_missing(v) -> bool:
@@ -57,13 +75,41 @@ def _as_list(values) -> list:
         raise TypeError(f"expected a sequence of values (one per sample), got {type(values).__name__}") from None
 
 
-def _sex_one(v) -> str:
-    if _is_missing(v) or isinstance(v, bool | np.bool_):
+def sex_label(value) -> str:
+    """One sex value -> "M", "F" or "unknown".
+
+    "M", "Male", "Man" (any case, blanks ignored) and the ISO/IEC 5218 code 1 (number or string) -> "M";
+    "F", "Female", "Woman" and code 2 -> "F"; anything else (missing, "O", "Other", 0, 9, booleans, ...) ->
+    "unknown". Never raises.
+    """
+    if _is_missing(value) or isinstance(value, bool | np.bool_):
         return UNKNOWN  # a boolean carries no documented sex coding
-    if isinstance(v, int | np.integer | float | np.floating):
-        v = str(int(v)) if float(v).is_integer() else str(v)
-    s = str(v).strip().lower()
+    if isinstance(value, numbers.Real):
+        value = str(int(value)) if math.isfinite(value) and float(value).is_integer() else str(value)
+    s = str(value).strip().lower()
     return "M" if s in _MALE else "F" if s in _FEMALE else UNKNOWN
+
+
+def age_years(value) -> float | None:
+    """One age -> years (float), or None when missing, unparsable or impossible (outside [AGE_MIN, AGE_MAX]).
+
+    Accepts numbers (numpy included) and strings matching :data:`AGE_PATTERN`: "57", "57.5" or DICOM AS
+    strings "045Y", "006M", "003W", "010D". Booleans are not ages. Never raises.
+    """
+    if value is None or isinstance(value, bool | np.bool_):
+        return None
+    if isinstance(value, numbers.Real):
+        age = float(value)
+    elif isinstance(value, str):
+        m = AGE_PATTERN.match(value)
+        if m is None:
+            return None
+        age = float(m.group(1)) * AGE_UNIT_YEARS[m.group(2).upper()]
+    else:
+        return None
+    if not math.isfinite(age) or age < AGE_MIN or age > AGE_MAX:
+        return None
+    return age
 
 
 def _map_unique(values, fn) -> np.ndarray:
@@ -79,28 +125,22 @@ def _map_unique(values, fn) -> np.ndarray:
 
 
 def normalize_sex(values) -> np.ndarray:
-    """Map sex codes to "M" / "F" / "unknown".
-
-    "M", "Male", "male" (any case) and the ISO/IEC 5218 code 1 -> "M"; "F", "Female" and code 2 -> "F";
-    anything else (missing, "O", "Other", 0, 9, ...) -> "unknown".
-    """
-    return _map_unique(values, _sex_one)
+    """Map sex codes to "M" / "F" / "unknown" (:func:`sex_label` of each value, computed once per distinct value)."""
+    return _map_unique(values, sex_label)
 
 
 def _edge_str(e: float) -> str:
     return str(int(e)) if float(e).is_integer() else repr(float(e))
 
 
-def _to_age(v) -> float:
-    if _is_missing(v) or isinstance(v, bool | np.bool_):
-        return math.nan
-    try:
-        a = float(v)
-    except (TypeError, ValueError):
-        return math.nan
-    if not math.isfinite(a) or a < AGE_MIN or a > AGE_MAX:
-        return math.nan
-    return a
+def _age_array(ages) -> np.ndarray:
+    """Ages in years as float64, NaN where :func:`age_years` gives None (numeric arrays without a Python loop)."""
+    if isinstance(ages, np.ndarray) and ages.dtype.kind in "iuf":
+        vals = ages.astype(np.float64).ravel()
+        with np.errstate(invalid="ignore"):
+            return np.where((vals >= AGE_MIN) & (vals <= AGE_MAX), vals, np.nan)  # NaN/inf fail both tests
+    out = [age_years(v) for v in _as_list(ages)]
+    return np.asarray([math.nan if a is None else a for a in out], dtype=np.float64)
 
 
 def age_groups(ages, scheme: str | Sequence[float] = "chexclusion") -> np.ndarray:
@@ -108,10 +148,10 @@ def age_groups(ages, scheme: str | Sequence[float] = "chexclusion") -> np.ndarra
 
     ``scheme``: "chexclusion" ([0,20) [20,40) [40,60) [60,80) [80,inf)), "yang2024" ([0,18) [18,40) [40,60)
     [60,80) [80,inf)), "binary60" ("<=60" / ">60"), or a custom increasing list of lower edges ``[e0, ..., ek]``
-    giving [e0,e1) ... [ek,inf) (ages below e0 -> "unknown"). Missing, non-numeric, negative or > 110 ages
-    -> "unknown".
+    giving [e0,e1) ... [ek,inf) (ages below e0 -> "unknown"). Ages are read by :func:`age_years` (numbers or
+    DICOM AS strings such as "045Y"); missing, unparsable, negative or > 110 ages -> "unknown".
     """
-    vals = np.asarray([_to_age(v) for v in _as_list(ages)], dtype=float)
+    vals = _age_array(ages)
     out = np.full(vals.shape, UNKNOWN, dtype=object)
     ok = ~np.isnan(vals)
     if isinstance(scheme, str):
