@@ -138,17 +138,22 @@ def test_strict_false_returns_problems(tmp_path):
     assert out["training"][0]["label"] == [1, 0]  # invalid labels are left as they are
 
 
-@pytest.mark.parametrize("raw, sex", [("M", "M"), ("Male", "M"), ("m", "M"), (" female ", "F"), ("F", "F"),
-                                      ("O", "unknown"), ("", "unknown"), (None, "unknown"), (1, "unknown")])
+# the datalist reads sex and age exactly like the fairness metrics (bundle.metrics.groups): one definition
+@pytest.mark.parametrize("raw, sex", [("M", "M"), ("Male", "M"), ("m", "M"), ("man", "M"), (" female ", "F"),
+                                      ("F", "F"), ("Woman", "F"), (1, "M"), ("2", "F"), ("O", "unknown"),
+                                      ("", "unknown"), (None, "unknown"), (0, "unknown"), (True, "unknown")])
 def test_sex_normalisation(raw, sex):
-    assert dl.normalize_sex(raw) == sex
+    from bundle.metrics import normalize_sex
+
+    assert dl.normalize_sex(raw) == sex == normalize_sex([raw])[0]
 
 
-@pytest.mark.parametrize("raw, age", [(57, 57), (57.5, 57.5), ("57", 57), ("045Y", 45), ("006M", 0.5), ("abc", None),
-                                      (-3, None), (130, None), ("111Y", None), (None, None), (True, None),
-                                      (float("nan"), None), ([45], None)])
+@pytest.mark.parametrize("raw, age", [(57, 57), (57.5, 57.5), ("57", 57), ("045Y", 45), ("006M", 0.5), ("010W", 0.19),
+                                      (np.int64(57), 57), ("abc", None), (-3, None), (130, None), ("111Y", None),
+                                      (None, None), (True, None), (float("nan"), None), ([45], None)])
 def test_age_normalisation(raw, age):
     assert dl.normalize_age(raw) == age
+    assert type(dl.normalize_age(raw)) is type(age)  # whole years are stored as ints
 
 
 def test_unknown_sex_and_age_are_counted_warnings_not_errors(tmp_path):
@@ -211,15 +216,40 @@ def test_summarize_counts():
                                                                          patient_id="p2")])
     s = dl.summarize(d)["splits"]["training"]
     assert s["n_images"] == 3 and s["n_patients"] == 2
-    assert s["classes"]["nodule_mass"] == {"positive": 2, "negative": 1, "unknown": 0, "positive_with_attention": 2}
-    assert s["classes"]["edema"] == {"positive": 1, "negative": 0, "unknown": 2, "positive_with_attention": 0}
+    assert s["classes"]["nodule_mass"] == {"positive": 2, "negative": 1, "unknown": 0, "positive_with_attention": 2,
+                                           "attention_shapes": 2}
+    assert s["classes"]["edema"] == {"positive": 1, "negative": 0, "unknown": 2, "positive_with_attention": 0,
+                                     "attention_shapes": 0}
     assert s["sex"] == {"M": 1, "F": 2, "unknown": 0}
-    assert s["age_groups"]["[40,60)"] == 1 and s["age_groups"]["[80,inf)"] == 1 and s["age_groups"]["unknown"] == 1
+    assert s["age_groups"] == {"[0,20)": 0, "[20,40)": 0, "[40,60)": 1, "[60,80)": 0, "[80,inf)": 1, "unknown": 1}
+    assert s["datasets"] == {"toy": 3}
+
+
+def test_summarize_raw_values_ragged_labels_report_and_schemes():
+    recs = [_record(sex="male", age="045Y", patient_id=None, attention=[
+                _record()["attention"][0], {"class": "nodule_mass", "type": "point_radius", "coords": [1, 2, 3],
+                                            "frame": [100, 80]}, {"class": "cardiomegaly"}, "junk"]),
+            _record(image="b.png", label=[1, "x"], attention=[], sex=2, age=None, patient_id="", dataset=None), "not a record"]
+    d = _datalist(training=recs, _problems=[1, 2])
+    s = dl.summarize(d, age_bins="binary60", report={"dataset": "toy", "issues": {}})
+    assert list(s["splits"]) == ["training"] and s["total_images"] == 2 and s["report"]["dataset"] == "toy"
+    t = s["splits"]["training"]
+    assert t["n_patients"] == 2  # records without patient_id are distinct patients
+    assert t["classes"]["nodule_mass"] == {"positive": 2, "negative": 0, "unknown": 0, "positive_with_attention": 1,
+                                           "attention_shapes": 2}
+    assert t["classes"]["pleural_effusion"] == {"positive": 0, "negative": 1, "unknown": 1,
+                                                "positive_with_attention": 0, "attention_shapes": 0}
+    assert t["classes"]["edema"]["unknown"] == 2  # a short label counts its missing values as unknown
+    assert t["sex"] == {"M": 1, "F": 1, "unknown": 0} and t["datasets"] == {"toy": 1, "unknown": 1}
+    assert t["age_groups"] == {"<=60": 1, ">60": 0, "unknown": 1}
+    assert "2 images" in dl.format_summary(s) and "(2 shapes)" in dl.format_summary(s)
 
 
 def test_age_group_bins():
-    assert [dl.age_group(a) for a in (0, 19.9, 20, 59, 60, 80, 110, None, "045Y")] == [
-        "[0,20)", "[0,20)", "[20,40)", "[40,60)", "[60,80)", "[80,inf)", "[80,inf)", "unknown", "[40,60)"]
+    assert [dl.age_group(a) for a in (0, 19.9, 20, 59, 60, 80, 110, None, "045Y", 111, -1)] == [
+        "[0,20)", "[0,20)", "[20,40)", "[40,60)", "[60,80)", "[80,inf)", "[80,inf)", "unknown", "[40,60)", "unknown",
+        "unknown"]
+    assert dl.age_group(17, (0, 18, 65)) == "[0,18)" and dl.age_group(70, "binary60") == ">60"
 
 
 def test_save_is_atomic_and_round_trips(tmp_path):

@@ -31,6 +31,7 @@ import numpy as np
 
 from bundle.data import datalist as dl
 from bundle.data.splits import patient_split
+from bundle.metrics.groups import age_groups
 
 __all__ = [
     "CLASSES",
@@ -235,7 +236,8 @@ def plan(seed: int = 0, params: SyntheticParams | None = None) -> dict[str, list
         annotated = np.zeros_like(labels)
         # cells = (sex, age group, subgroup strength): tags are drawn exactly per cell, so the realised
         # tag/label correlation is the requested one in every sex and age subgroup (0 in test_ood)
-        keys = [(it["sex"], dl.age_group(it["age"]), bool(st)) for it, st in zip(items, strong)]
+        ages = age_groups([it["age"] for it in items], list(dl.AGE_BINS))
+        keys = [(it["sex"], str(g), bool(st)) for it, g, st in zip(items, ages, strong)]
         cells = {k: np.asarray([i for i, kk in enumerate(keys) if kk == k], dtype=int) for k in sorted(set(keys))}
         for c in range(len(CLASSES)):
             for y in (1, 0):
@@ -873,11 +875,13 @@ def synthetic_summary(datalist: Mapping, seed: int, params: SyntheticParams) -> 
         recs = datalist.get(split, [])
         sc = counts["splits"].get(split, {"n_images": 0, "n_patients": 0, "classes": {}, "sex": {}, "age_groups": {}})
         groups = {"all": [True] * len(recs)}
+        sexes = [dl.normalize_sex(r.get("sex")) for r in recs]
+        ages = age_groups([r.get("age") for r in recs], list(dl.AGE_BINS)).tolist()
         for s in ("F", "M"):
-            groups[f"sex={s}"] = [dl.normalize_sex(r.get("sex")) == s for r in recs]
+            groups[f"sex={s}"] = [x == s for x in sexes]
         for g in sc["age_groups"]:
             if g != "unknown":
-                groups[f"age={g}"] = [dl.age_group(r.get("age")) == g for r in recs]
+                groups[f"age={g}"] = [a == g for a in ages]
         groups["strong_group"] = [params.in_strong_group(r.get("sex"), r.get("age")) for r in recs]
         groups["weak_group"] = [not x for x in groups["strong_group"]]
         shortcut = {}
