@@ -323,9 +323,14 @@ def _plt():
 
 
 def _save(fig, path: str) -> str:
-    from bundle.plots import save_figure
-
-    return save_figure(fig, path, dpi=110)
+    """Atomic PNG write (bundle.plots.save_figure does the same but imports torch, seconds for nothing here)."""
+    plt = _plt()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
 
 
 def _attr_gap_label(a: str, metric: str) -> str:
@@ -465,7 +470,8 @@ def fig6_radar(idx: Index, path: str, models: Sequence[tuple[str, str]]) -> str 
         ax.set_rlabel_position(45)
         ax.set_ylim(0, 100)
         ax.set_title(split, pad=18)
-    axes[0][0].legend(loc="lower left", bbox_to_anchor=(-0.25, -0.25), fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(loc="lower left", bbox_to_anchor=(-0.25, -0.25), fontsize=8)
     fig.suptitle("Fig. 6: performance per test split (macro over findings, mean over seeds)")
     fig.tight_layout()
     return _save(fig, path)

@@ -499,12 +499,17 @@ def _tail(path: str, n: int = 15) -> str:
 
 
 # ================================================================================================ MLflow
-def _mlflow_reachable(uri: str) -> bool:
-    if uri.startswith(("http://", "https://")):
-        from bundle.handlers import SafeMLFlowHandler
+def _mlflow_reachable(uri: str, timeout: float = 3.0) -> bool:
+    """An http(s) server answers /health within ``timeout`` (MLflow's own client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    import urllib.request
 
-        return SafeMLFlowHandler._reachable(uri, 3.0)
-    return True
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout)
+        return True
+    except Exception:
+        return False
 
 
 def _flat_params(d: Mapping, prefix: str = "") -> dict[str, str]:
