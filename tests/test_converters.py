@@ -20,7 +20,8 @@ def _records(d):
 
 
 def _total(summary, key):
-    """Sum a per-split count over splits: key = ("classes", c, "positive") or ("sex",) etc."""
+    """Sum a per-split count over splits: key = ("classes", c, "positive") or ("sex",) etc.; groups without
+    images are left out (the summary lists every sex and age group, also empty ones)."""
     out = {}
     for s in summary["splits"].values():
         node = s
@@ -31,7 +32,7 @@ def _total(summary, key):
                 out[k] = out.get(k, 0) + v
         else:
             out = (out or 0) + node
-    return out
+    return {k: v for k, v in out.items() if v} if isinstance(out, dict) else out
 
 
 def _pos(summary):
@@ -58,7 +59,7 @@ def test_nih_counts_boxes_and_official_split(tmp_path, sex_column, version):
     assert s["total_images"] == exp["images"]
     assert _pos(s) == exp["positives"]
     assert _total(s, ("sex",)) == exp["sex"]
-    assert _total(s, ("age_group",)) == exp["age_group"]
+    assert _total(s, ("age_groups",)) == exp["age_group"]
     assert _shapes(s) == exp["boxes"]
     assert {c: _total(s, ("classes", c, "positive_with_attention")) for c in CLASSES} == \
         exp["positives_with_attention"]
@@ -116,7 +117,7 @@ def test_vindr_physionet_readers_dicom_headers(tmp_path):
     d, s = prepare("vindr", tmp_path / "v", tmp_path / "v.json", verbose=False)
     e = exp["physionet_any"]
     assert s["total_images"] == e["images"] and _pos(s) == e["positives"] and _shapes(s) == e["boxes"]
-    assert _total(s, ("sex",)) == e["sex"] and _total(s, ("age_group",)) == e["age_group"]
+    assert _total(s, ("sex",)) == e["sex"] and _total(s, ("age_groups",)) == e["age_group"]
     assert sorted(r["patient_id"] for r in d["test"]) == ["s1", "s2"]  # official test split
     t1 = next(r for r in _records(d) if r["patient_id"] == "t1")
     assert {a["type"] for a in t1["attention"]} == {"bbox_xyxy"} and t1["attention"][0]["frame"] == exp["frame_t1"]
@@ -199,7 +200,7 @@ def test_padchest_label_lists_case_insensitive_columns_and_gr_boxes(tmp_path):
     exp = replicas.write_padchest(tmp_path / "p")
     d, s = prepare("padchest", tmp_path / "p", tmp_path / "p.json", verbose=False)
     assert s["total_images"] == exp["images"] and _pos(s) == exp["positives"]
-    assert _total(s, ("sex",)) == exp["sex"] and _total(s, ("age_group",)) == exp["age_group"]
+    assert _total(s, ("sex",)) == exp["sex"] and _total(s, ("age_groups",)) == exp["age_group"]
     assert _shapes(s) == exp["shapes"]
     atts = [a for r in _records(d) for a in r["attention"]]
     assert sum(bool(a.get("normalized")) for a in atts) == exp["normalized_boxes"]
@@ -219,7 +220,7 @@ def test_jsrt_lists_point_radius_and_check_images(tmp_path):
     assert s["total_images"] == exp["images"]
     assert _total(s, ("classes", "nodule_mass", "positive")) == exp["positives"]
     assert _total(s, ("classes", "nodule_mass", "negative")) == exp["negatives"]
-    assert _total(s, ("sex",)) == exp["sex"] and _total(s, ("age_group",)) == exp["age_group"]
+    assert _total(s, ("sex",)) == exp["sex"] and _total(s, ("age_groups",)) == exp["age_group"]
     assert _shapes(s)["nodule_mass"] == exp["shapes"]
     rec = {r["patient_id"]: r for r in _records(d)}
     a = rec["JPCLN001"]["attention"][0]
@@ -249,6 +250,10 @@ def test_compose_edema_keeps_dataset_prefixes_patients_and_ood(tmp_path):
     assert all(r["dataset"] == "chexpert" for r in d["test_ood"]) and len(d["test_ood"]) == 5
     train_sets = {r["dataset"] for k in ("training", "validation", "test") for r in d.get(k, [])}
     assert train_sets == {"nih", "vindr", "mimic"}
+    # the summary (bundle.data.datalist.summarize) counts images per source dataset and is written beside it
+    assert s["splits"]["test_ood"]["datasets"] == {"chexpert": 5}
+    assert set(_total(s, ("datasets",))) == {"nih", "vindr", "mimic", "chexpert"}
+    assert json.loads(summary_path(tmp_path / "edema.json").read_text()) == s
     # MIMIC's lateral image is left out by the config's views; all-unknown edema records are left out
     assert all(r["view"] != "LATERAL" for r in recs) and all(r["label"] != [-1] for r in recs)
     assert all(a["class"] == "edema" for r in recs for a in r["attention"])

@@ -33,15 +33,12 @@ from bundle.data.convert_common import (
     CLASSES,
     ConversionError,
     ConversionReport,
-    _save_datalist,
     assign_splits,
     check_images,
-    format_summary,
     select_classes,
-    summarize,
     summary_path,
-    write_json_atomic,
 )
+from bundle.data.datalist import format_summary, save, summarize, write_json_atomic
 
 __all__ = ["compose", "compose_datalists", "load_config"]
 
@@ -159,8 +156,8 @@ def compose(config: str | os.PathLike | Mapping, out: str | os.PathLike, data_ro
         if not absolute_paths:
             for r in recs:
                 r["image"] = os.path.relpath(r["image"], outp.parent)
-    _save_datalist(dl, outp)
-    summary = summarize(dl, report)
+    save(dl, outp, indent=None)
+    summary = summarize(dl, report=report)
     write_json_atomic(summary, summary_path(outp), indent=2)
     if verbose:
         print(format_summary(summary))

@@ -12,14 +12,14 @@ What lives here and why:
 - header matching (:func:`match_columns`): case-insensitive, whitespace-tolerant, with per-column aliases, so
   known variants (``Patient Gender`` / ``Patient Sex``, ``LabelCUIS`` / ``labelCUIS``) read the same.
 - vectorised parsers for ages, sexes and tri-state labels (pandas, no per-row Python): the full NIH table
-  must convert in seconds.
+  must convert in seconds. Sex and age *semantics* are bundle.metrics.groups' (sex_label, AGE_PATTERN,
+  AGE_MIN/AGE_MAX); these add the bad-row reporting. Summaries and the atomic JSON writer are
+  bundle.data.datalist's (summarize, format_summary, write_json_atomic, save).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bundle.data.datalist import AGE_BINS, format_summary, save, summarize, write_json_atomic
 from bundle.data.splits import patient_split
+from bundle.metrics.groups import AGE_MAX, AGE_MIN, AGE_PATTERN, AGE_UNIT_YEARS, normalize_sex
 
 __all__ = [
     "CLASSES",
@@ -43,10 +45,8 @@ __all__ = [
     "parse_sex",
     "parse_tristate",
     "drop_duplicates",
-    "age_group",
     "assign_splits",
     "select_classes",
-    "summarize",
     "write_json_atomic",
     "check_images",
     "finalize",
@@ -54,10 +54,8 @@ __all__ = [
 
 #: The bundle's conditions, in label-vector order.
 CLASSES: tuple[str, ...] = ("nodule_mass", "pleural_effusion", "edema")
-#: Default age bins (left-closed, CheXclusion / MEDFAIR): [0,20) [20,40) [40,60) [60,80) [80,inf).
-AGE_BINS: tuple[int, ...] = (0, 20, 40, 60, 80)
 #: Ages outside [MIN_AGE, MAX_AGE] are impossible (fairness.md) and become unknown (counted).
-MIN_AGE, MAX_AGE = 0, 110
+MIN_AGE, MAX_AGE = AGE_MIN, AGE_MAX
 MAX_EXAMPLES = 5
 
 
@@ -224,10 +222,6 @@ def file_lines(df: pd.DataFrame, header_lines: int = 1) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------------------------- parsers
-_AGE_RX = r"^\s*(\d+(?:\.\d+)?)\s*([YyMmWwDd]?)\s*$"
-_AGE_UNIT = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
-
-
 def parse_age(
     values: pd.Series,
     report: ConversionReport,
@@ -238,13 +232,14 @@ def parse_age(
 ) -> np.ndarray:
     """Ages in years (float, NaN = unknown) from numbers or DICOM-style strings ("045Y", "018M").
 
-    Unparsable values and impossible ages (< 0 or > 110) become unknown and are counted with examples.
+    Vectorised :func:`bundle.metrics.groups.age_years` (same grammar and limits) plus reporting: unparsable
+    values and impossible ages (< 0 or > 110) become unknown and are counted with examples.
     ``zero_is_missing``: datasets that write 0 for "unknown" (CheXpert) count those as unknown, too.
     """
     s = values.astype("string")
-    m = s.str.extract(_AGE_RX)
+    m = s.str.extract(AGE_PATTERN.pattern, flags=AGE_PATTERN.flags)
     num = pd.to_numeric(m[0], errors="coerce")
-    unit = m[1].fillna("").str.upper().map(_AGE_UNIT).astype(float)
+    unit = m[1].fillna("").str.upper().map(AGE_UNIT_YEARS).astype(float)
     age = (num * unit).to_numpy(dtype=float, na_value=np.nan)
     present = s.notna().to_numpy() & (s.str.strip() != "").fillna(False).to_numpy()
     bad = present & np.isnan(age)
@@ -259,18 +254,15 @@ def parse_age(
         age[zero] = np.nan
     if impossible.any():
         report.add_rows(f"impossible {column}", file, lines[impossible], s[impossible].tolist(),
-                        f"outside [{MIN_AGE}, {MAX_AGE}]: age set to unknown")
+                        f"outside [{MIN_AGE:g}, {MAX_AGE:g}]: age set to unknown")
         age[impossible] = np.nan
     return np.round(age, 2)
 
 
-_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F"}
-
-
 def parse_sex(values: pd.Series) -> np.ndarray:
-    """"M"/"F"/"unknown" from M/F/Male/Female (any case); anything else (O, Unknown, blank) is "unknown"."""
-    s = values.astype("string").str.strip().str.upper()
-    return s.map(_SEX).fillna("unknown").to_numpy(dtype=object)
+    """"M"/"F"/"unknown" per row: :func:`bundle.metrics.groups.sex_label` (M/Male/Man/1, F/Female/Woman/2, any
+    case), evaluated once per distinct value; anything else (O, Unknown, blank) is "unknown"."""
+    return normalize_sex(values)
 
 
 def parse_tristate(
@@ -312,17 +304,6 @@ def drop_duplicates(df: pd.DataFrame, key: str | list[str], report: ConversionRe
                         df.loc[conflicting, keycol].tolist(), "first occurrence kept, later ones dropped")
     keep = ~dup_key
     return df.loc[keep].reset_index(drop=True), lines[keep]
-
-
-def age_group(age, bins: Sequence[float] = AGE_BINS) -> str:
-    """Left-closed bin label, e.g. "[40,60)" or "[80,inf)"; "unknown" for missing or impossible ages."""
-    if age is None or (isinstance(age, float) and np.isnan(age)) or age < MIN_AGE or age > MAX_AGE:
-        return "unknown"
-    edges = list(bins) + [float("inf")]
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        if lo <= age < hi:
-            return f"[{lo:g},{'inf' if hi == float('inf') else format(hi, 'g')})"
-    return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------- splits
@@ -416,108 +397,6 @@ def select_classes(records: Iterable[dict], source: Sequence[str], target: Seque
             r["attention"] = [a for a in r["attention"] if a["class"] in keep]
         out.append(r)
     return out
-
-
-# ---------------------------------------------------------------------------------------------- summaries
-def summarize(datalist: Mapping, report: ConversionReport | Mapping | None = None,
-              bins: Sequence[float] = AGE_BINS) -> dict:
-    """Counts per split: images, patients, labels per class (pos/neg/unknown), sex, age group, datasets, and
-    per class the positives that carry attention and the number of attention shapes."""
-    classes = list(datalist.get("classes", CLASSES))
-    out: dict = {"name": datalist.get("name"), "classes": classes, "splits": {}}
-    for split, recs in datalist.items():
-        if not isinstance(recs, list) or split == "classes":
-            continue
-        n_c = len(classes)
-        lab = np.array([r["label"] for r in recs], dtype=float).reshape(len(recs), n_c)
-        lab = np.nan_to_num(lab, nan=-1).astype(np.int8)  # null labels count as unknown
-        ci = {c: i for i, c in enumerate(classes)}
-        with_att = np.zeros((len(recs), n_c), dtype=bool)
-        shapes = np.zeros(n_c, dtype=np.int64)
-        sex: dict[str, int] = {}
-        ages: dict[str, int] = {}
-        ds: dict[str, int] = {}
-        pids = set()
-        age_cache: dict = {}
-        for k, r in enumerate(recs):  # one pass; attention lists are short and mostly empty
-            for a in r.get("attention") or ():
-                j = ci.get(a.get("class"))
-                if j is not None:
-                    with_att[k, j] = True
-                    shapes[j] += 1
-            s = r.get("sex", "unknown")
-            sex[s] = sex.get(s, 0) + 1
-            a = r.get("age")
-            g = age_cache.get(a)
-            if g is None:
-                g = age_cache[a] = age_group(a, bins)
-            ages[g] = ages.get(g, 0) + 1
-            d = r.get("dataset", "")
-            ds[d] = ds.get(d, 0) + 1
-            pids.add(str(r.get("patient_id")))
-        per_class = {}
-        for j, c in enumerate(classes):
-            per_class[c] = {
-                "positive": int((lab[:, j] == 1).sum()),
-                "negative": int((lab[:, j] == 0).sum()),
-                "unknown": int((lab[:, j] == -1).sum()),
-                "positive_with_attention": int(((lab[:, j] == 1) & with_att[:, j]).sum()),
-                "attention_shapes": int(shapes[j]),
-            }
-        out["splits"][split] = {
-            "images": len(recs),
-            "patients": len(pids),
-            "classes": per_class,
-            "sex": dict(sorted(sex.items())),
-            "age_group": dict(sorted(ages.items())),
-            "dataset": dict(sorted(ds.items())),
-        }
-    out["total_images"] = sum(s["images"] for s in out["splits"].values())
-    if report is not None:
-        out["report"] = report.to_dict() if isinstance(report, ConversionReport) else dict(report)
-    return out
-
-
-def format_summary(summary: Mapping) -> str:
-    lines = [f"datalist '{summary.get('name')}': {summary['total_images']} images"]
-    for split, s in summary["splits"].items():
-        lines.append(f"  {split}: {s['images']} images, {s['patients']} patients; sex {s['sex']}; age {s['age_group']}")
-        for c, v in s["classes"].items():
-            lines.append(f"    {c}: +{v['positive']} -{v['negative']} ?{v['unknown']}; positives with attention "
-                         f"{v['positive_with_attention']} ({v['attention_shapes']} shapes)")
-    rep = summary.get("report")
-    if rep:
-        lines.append("  issues:" if rep.get("issues") or rep.get("notes") else "  issues: none")
-        for kind, e in rep.get("issues", {}).items():
-            where = f" in {e['file']}" if e.get("file") else ""
-            lines.append(f"    {kind}{where}: {e['count']} ({e.get('action', '')}); e.g. {e['examples'][:3]}")
-        for n in rep.get("notes", []):
-            lines.append(f"    note: {n}")
-    return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------ writing
-def write_json_atomic(obj, path: str | os.PathLike, indent: int | None = None):
-    """Write JSON to a temp file in the target folder, then os.replace (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        # json.dumps, not json.dump: dump always runs the pure-Python encoder (10x slower on 100k records)
-        text = json.dumps(obj, indent=indent, allow_nan=False)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _save_datalist(datalist: dict, path: Path):
-    """Atomic write of the datalist. Same contract as ``bundle.data.datalist.save`` (temp file + os.replace), but
-    through ``json.dumps`` (C encoder): the full NIH datalist takes ~1 s instead of ~20 s with ``json.dump``."""
-    write_json_atomic({k: v for k, v in datalist.items() if not str(k).startswith("_")}, path)
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -670,8 +549,8 @@ def finalize(
             if r.get("split_source") is None:
                 r.pop("split_source", None)
         datalist[split] = recs
-    _save_datalist(datalist, out)
-    summary = summarize(datalist, report, bins)
+    save(datalist, out, indent=None)  # one line: json's C encoder, ~1 s for the full NIH datalist
+    summary = summarize(datalist, age_bins=bins, report=report)
     write_json_atomic(summary, summary_path(out), indent=2)
     if verbose:
         print(format_summary(summary))
