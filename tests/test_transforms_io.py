@@ -46,9 +46,14 @@ def test_parse_dicom_age(s, years):
     assert parse_dicom_age(s) == pytest.approx(years)
 
 
-@pytest.mark.parametrize("s", [None, "", "abcY", "-5Y", "Y", float("nan")])
-def test_parse_dicom_age_unparsable_is_none(s):
-    assert parse_dicom_age(s) is None
+@pytest.mark.parametrize("s", [None, "", "abcY", "-5Y", "Y", float("nan"), "120Y", True])
+def test_parse_dicom_age_unparsable_or_impossible_is_none(s):
+    assert parse_dicom_age(s) is None  # same rule as the datalist and the fairness metrics (> 110 is impossible)
+
+
+@pytest.mark.parametrize("raw,sex", [("M", "M"), ("F", "F"), (" m ", "M"), ("O", None), ("", None), (None, None)])
+def test_dicom_sex_unknown_is_none(raw, sex):
+    assert cxr_io._parse_sex(raw) == sex  # None, not "unknown": LoadCXRd fills only from headers that know it
 
 
 def test_meta_from_dicom(tmp_path):

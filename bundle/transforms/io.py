@@ -27,6 +27,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
+from bundle.metrics.groups import UNKNOWN, age_years, sex_label
+
 __all__ = [
     "CXRLoadError",
     "load_cxr",
@@ -59,29 +61,16 @@ def _err(path, problem: str, fix: str) -> CXRLoadError:
 
 # ----------------------------------------------------------------------------------------------- metadata
 def parse_dicom_age(value: Any) -> float | None:
-    """DICOM AS string ("045Y", "006M", "010W", "003D"; also "45", "45Y") -> age in years, None if unparsable."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value) if np.isfinite(value) and value >= 0 else None
-    s = str(value).strip().upper()
-    if not s:
-        return None
-    unit = "Y"
-    if s[-1] in "YMWD":
-        unit, s = s[-1], s[:-1].strip()
-    try:
-        n = float(s)
-    except ValueError:
-        return None
-    if not np.isfinite(n) or n < 0:
-        return None
-    return {"Y": n, "M": n / 12.0, "W": n * 7.0 / 365.25, "D": n / 365.25}[unit]
+    """DICOM AS string ("045Y", "006M", "010W", "003D"; also "45", "45Y") -> age in years; None if missing,
+    unparsable or outside [0, 110] (:func:`bundle.metrics.groups.age_years`, the bundle's one age parser)."""
+    return age_years(value)
 
 
 def _parse_sex(value: Any) -> str | None:
-    s = str(value or "").strip().upper()
-    return s if s in ("M", "F") else None
+    """DICOM PatientSex -> "M"/"F" (:func:`bundle.metrics.groups.sex_label`), None when unknown ("O", empty) so
+    that LoadCXRd only fills a record's sex from a header that knows it."""
+    s = sex_label(value)
+    return None if s == UNKNOWN else s
 
 
 def _dicom_meta(ds, path) -> dict:
