@@ -229,7 +229,8 @@ def test_summarize_raw_values_ragged_labels_report_and_schemes():
     recs = [_record(sex="male", age="045Y", patient_id=None, attention=[
                 _record()["attention"][0], {"class": "nodule_mass", "type": "point_radius", "coords": [1, 2, 3],
                                             "frame": [100, 80]}, {"class": "cardiomegaly"}, "junk"]),
-            _record(image="b.png", label=[1, "x"], attention=[], sex=2, age=None, patient_id="", dataset=None), "not a record"]
+            _record(image="b.png", label=[1, "x"], attention=[], sex=2, age=None, patient_id="", dataset=None),
+            "not a record"]
     d = _datalist(training=recs, _problems=[1, 2])
     s = dl.summarize(d, age_bins="binary60", report={"dataset": "toy", "issues": {}})
     assert list(s["splits"]) == ["training"] and s["total_images"] == 2 and s["report"]["dataset"] == "toy"

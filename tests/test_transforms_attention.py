@@ -131,8 +131,9 @@ def test_tiny_shapes_keep_a_pixel():
 @pytest.mark.parametrize("entry,words", [
     ({"class": "cardiomegaly", "type": "bbox_xyxy", "coords": [0, 0, 1, 1]}, ["unknown class", "cardiomegaly"]),
     ({"class": "edema", "type": "circle", "coords": [0, 0, 1]}, ["unknown type", "circle"]),
-    ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1]}, ["4 numbers"]),
-    ({"class": "edema", "type": "polygon", "coords": [[0, 0], [1, 1]]}, ["3 points"]),
+    ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1], "frame": [200, 300]}, ["4 numbers"]),
+    ({"class": "edema", "type": "polygon", "coords": [[0, 0], [1, 1]], "frame": [200, 300]}, ["3 points"]),
+    ({"class": "edema", "type": "bbox_xywh", "coords": [0, 0, 5, 5]}, ["attention[0].frame", "missing", '"frame"']),
     ({"class": "edema", "type": "mask", "path": "nope.png"}, ["does not exist"]),
     ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1, 1], "frame": [0, 10]}, ["frame"]),
 ])
@@ -145,6 +146,41 @@ def test_bad_entries_name_the_image(entry, words):
     assert "/data/cxr_0007.png" in msg and "attention[0]" in msg
     for w in words:
         assert w in msg, msg
+
+
+@pytest.mark.parametrize("typ,coords", [("bbox_xywh", [1, 2, 30, 40]), ("bbox_xyxy", [1, 2, 30, 40]),
+                                        ("ellipse_bbox", [1, 2, 30, 40]), ("polygon", [[1, 2], [30, 2], [15, 40]]),
+                                        ("point_radius", [50, 40, 12])])
+def test_pixel_coords_without_frame_are_rejected_like_the_validator(typ, coords):
+    """The rasteriser never guesses a frame: same rule, message and fix as bundle.data.datalist.validate."""
+    from bundle.data import datalist as dl
+
+    entry = {"class": "edema", "type": typ, "coords": coords}
+    d = {"image": "/data/cxr_0007.png", "attention": [entry], "orig_size": [H, W],
+         "letterbox": letterbox_params(H, W, S)}
+    with pytest.raises(AttentionError) as e:
+        RasterizeAttentiond(CLASSES, S)(d)
+    rec = {"image": "a.png", "label": [0, 0, 1], "sex": "F", "age": 50, "attention": [entry]}
+    (problem,) = [p for p in dl.validate({"name": "t", "classes": CLASSES, "training": [rec]}) if p.severity == "error"]
+    assert problem.key == "attention[0].frame"
+    assert "/data/cxr_0007.png: attention[0].frame" in str(e.value)
+    assert problem.message in str(e.value) and problem.fix in str(e.value)
+    # normalized coords need no frame: fractions of the image
+    entry.update(normalized=True, coords=[0.25, 0.25, 0.5, 0.5] if typ != "point_radius" else [0.5, 0.5, 0.1])
+    if typ == "polygon":
+        entry["coords"] = [[0.25, 0.25], [0.75, 0.25], [0.5, 0.75]]
+    assert RasterizeAttentiond(CLASSES, S)(d)["attn_available"].tolist() == [0, 0, 1]
+
+
+def test_rle_and_mask_need_no_frame(tmp_path):
+    m = np.zeros((H, W), bool)
+    m[100:200, 50:150] = True
+    Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+    entries = [{"class": "edema", "type": "rle", "coords": {"size": [H, W], "counts": rle["counts"].decode()}},
+               {"class": "nodule_mass", "type": "mask", "path": "m.png"}]
+    mask, avail = rasterize_attention(entries, CLASSES, (H, W), letterbox_params(H, W, S), S, base_dir=tmp_path)
+    assert avail.tolist() == [1, 0, 1] and np.array_equal(mask[0], mask[2]) and mask[2].sum() > 0
 
 
 def test_size_mismatch_and_missing_letterbox_are_errors():

@@ -160,7 +160,8 @@ def frame_missing(att: Mapping) -> bool:
     bbox_xywh, bbox_xyxy, ellipse_bbox, polygon and point_radius need a frame unless ``"normalized": true``;
     rle carries its size and a mask file its own size.
     """
-    return att.get("frame") is None and ATTENTION_TYPES.get(att.get("type"), False) and att.get("normalized") is not True
+    needs_frame = ATTENTION_TYPES.get(att.get("type"), False)
+    return bool(needs_frame and att.get("frame") is None and att.get("normalized") is not True)
 
 
 def frame_missing_message(typ) -> str:

@@ -18,12 +18,15 @@ import numpy as np
 import torch
 from monai.transforms import Transform
 
+from bundle.data import datalist as _dl
+
 from .geometry import letterbox_params
 from .io import content_size
 
 __all__ = ["AttentionError", "ATTENTION_TYPES", "rasterize_attention", "RasterizeAttentiond"]
 
-ATTENTION_TYPES = ("bbox_xywh", "bbox_xyxy", "ellipse_bbox", "polygon", "rle", "point_radius", "mask")
+# The datalist format (bundle.data.datalist) defines the types and which of them need a "frame".
+ATTENTION_TYPES = tuple(_dl.ATTENTION_TYPES)
 
 
 class AttentionError(ValueError):
@@ -50,7 +53,7 @@ class _Geom:
 
 def _frame(entry, image_hw) -> tuple[float, float]:
     fr = entry.get("frame")
-    if fr is None:  # no frame: coordinates are in the loaded image's own pixels
+    if fr is None:  # normalized coords without a frame (pixel coords without one are rejected earlier)
         return float(image_hw[1]), float(image_hw[0])
     if len(fr) != 2:
         raise ValueError(f"frame must be [width, height], got {fr!r}")
@@ -236,6 +239,9 @@ def rasterize_attention(entries, classes: Sequence[str], image_hw, letterbox=Non
         if typ not in ATTENTION_TYPES:
             raise AttentionError(f"{where}: attention[{i}] ({cls}) has unknown type {typ!r}; "
                                  f"supported: {list(ATTENTION_TYPES)}")
+        if _dl.frame_missing(e):  # same rule and fix as bundle.data.datalist.validate
+            raise AttentionError(f"{where}: attention[{i}].frame ({cls}, {typ}): {_dl.frame_missing_message(typ)} "
+                                 f"-> fix: {_dl.FRAME_FIX}")
         try:
             m = _rasterize_one(e, typ, (h, w), lb, size, base_dir)
         except (ValueError, TypeError, KeyError, IndexError, OSError) as ex:
