@@ -400,16 +400,25 @@ def fig4_random_vs_aligned(idx: Index, path: str, attributes: Sequence[str]) -> 
     for ax, (metric, ylabel) in zip(axes[0], panels):
         for k, (label, s, col) in enumerate(models):
             vals = [idx.get(s, sp, metric) for sp in idx.splits]
-            ax.bar(x + (k - (len(models) - 1) / 2) * width, [100 * v[0] if math.isfinite(v[0]) else 0 for v in vals],
-                   width, yerr=[100 * v[1] if math.isfinite(v[1]) else 0 for v in vals], capsize=3, color=col,
-                   label=label)
+            xs = x + (k - (len(models) - 1) / 2) * width
+            # undefined values (e.g. a gap without two eligible subgroups) get no bar but an "n/a", never a 0 bar
+            ax.bar(xs, [100 * v[0] if math.isfinite(v[0]) else np.nan for v in vals], width,
+                   yerr=[100 * v[1] if math.isfinite(v[1]) else 0 for v in vals], capsize=3, color=col, label=label)
+            for xi, v in zip(xs, vals):
+                if not math.isfinite(v[0]):
+                    ax.text(xi, 0.02, "n/a", ha="center", va="bottom", fontsize=7, rotation=90, color="grey",
+                            transform=ax.get_xaxis_transform())
+        ax.set_xlim(-0.5, len(idx.splits) - 0.5)
+        if ax.get_ylim()[0] < 0:  # nothing finite to draw: keep a positive axis
+            ax.set_ylim(0, 1)
         ax.set_xticks(x, idx.splits)
         ax.set_xlabel("test split")
         ax.set_ylabel(ylabel)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(models), fontsize=9, bbox_to_anchor=(0.5, -0.02))
     fig.suptitle("Fig. 4: random vs human-mask alignment vs baseline (mean ± sd over seeds)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, path)
 
 
@@ -658,7 +667,9 @@ def make_report(study_dir: str, out_dir: str | None = None, options: Mapping | N
     else:
         md.append(f"- Aligner with the best p (p = {best_p:g}, chosen by {how}) vs w/o (p = 0): alignment lowered "
                   f"the gap in **{lowered_best} of {total_best}** comparisons." if best_s else "- no aligned setting.")
-        if p1:
+        if p1 and p1 == best_s:
+            md.append("- The best p is p = 1, so the p = 1 comparison is the same.")
+        elif p1:
             md.append(f"- Aligner with p = 1 vs w/o (p = 0): alignment lowered the gap in **{lowered_p1} of "
                       f"{total_p1}** comparisons.")
         md.append("- A comparison is one cell of Table 2 below: test split x finding x attribute x gap metric "

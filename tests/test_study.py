@@ -27,9 +27,12 @@ STUB = textwrap.dedent('''
     ckpt = os.path.join(out, "checkpoints")
     with open(os.environ["STUB_CALLS"], "a") as f:
         f.write(json.dumps({"run_name": a["run_name"], "resumed": os.path.isdir(ckpt), "argv": sys.argv[1:],
-                            "omp": os.environ.get("OMP_NUM_THREADS"), "uri": os.environ.get("MLFLOW_TRACKING_URI")})
+                            "omp": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid(), "uri": os.environ.get("MLFLOW_TRACKING_URI")})
                 + "\\n")
     os.makedirs(ckpt, exist_ok=True)
+    if a.get("stub_sleep"):
+        import time
+        time.sleep(float(a["stub_sleep"]))
     fail = os.environ.get("STUB_FAIL", "")
     if fail and os.path.exists(fail) and a["run_name"] in open(fail).read().split():
         print("stub: planned failure", file=sys.stderr)
@@ -242,6 +245,32 @@ def test_stub_study_writes_report(stub_env):
     # the stub's gap falls with p: 0.30 at p = 0, 0.10 at p = 1, in 2 splits x 1 finding x 1 attribute x AUC
     assert "alignment lowered the gap in **2 of 2** comparisons" in md
     assert "| p = 0 | 30.00 ± 0.00 |" in md and "| random, p = 1 |" in md
+
+
+def test_sigterm_stops_the_children_and_leaves_runs_resumable(stub_env):
+    import signal
+    import subprocess
+    import time
+
+    path = _stub_config(stub_env, seeds=[0])
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "run_study.py"), "--config", path,
+                             "--workers", "2", "--train", "stub_sleep=60", "--set", "grid.groups=[alignment]"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while len(_calls(stub_env)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(_calls(stub_env)) == 2, proc.communicate(timeout=30)[0]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130, out
+    assert "interrupted" in out
+    for c in _calls(stub_env):  # the trainings were stopped with the runner
+        with pytest.raises(ProcessLookupError):
+            os.kill(c["pid"], 0)
+    cfg = load_study_config(path, overrides={"grid.groups": ["alignment"]}, train_overrides={"stub_sleep": 60})
+    statuses = run_study(cfg, dry_run=True, log=lambda s: None).statuses
+    assert statuses == {"p0.00_seed0": "partial", "p1.00_seed0": "partial"}  # not failed, not done: resumed later
 
 
 # ------------------------------------------------------------------------------------------------ MLflow
