@@ -355,7 +355,7 @@ def fig3_gap_vs_performance(idx: Index, path: str, attributes: Sequence[str], ga
                 y, ysd, _ = idx.get(s, split, f"macro/{a}/gap_{gap_metric}")
                 if not (math.isfinite(x) and math.isfinite(y)):
                     continue
-                col = cmap(p if len(levels) > 1 else 0.5)
+                col = cmap(0.85 * p if len(levels) > 1 else 0.4)  # viridis' yellow end is unreadable on white
                 ax.errorbar(100 * x, 100 * y, xerr=100 * xsd if math.isfinite(xsd) else None,
                             yerr=100 * ysd if math.isfinite(ysd) else None, fmt="o", color=col, capsize=3, ms=7,
                             label=f"p = {p:g}")
@@ -442,7 +442,7 @@ def fig5_data_ratio(idx: Index, path: str, attributes: Sequence[str]) -> str | N
                 r = [100 * k for k in series]
                 v = [idx.get(s, split, metric) for s in series.values()]
                 ax.errorbar(r, [100 * t[0] for t in v], yerr=[100 * t[1] if math.isfinite(t[1]) else 0 for t in v],
-                            marker="o", capsize=3, color=colors(p if len(ps) > 1 else 0.5),
+                            marker="o", capsize=3, color=colors(0.85 * p if len(ps) > 1 else 0.4),
                             label=f"p = {p:g}" + (" (no alignment)" if p == 0 else ""))
             ax.set_xlabel("training data ratio (% of patients)")
             ax.set_ylabel(ylabel)

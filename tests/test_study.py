@@ -20,15 +20,15 @@ STUDY_YAML = os.path.join(ROOT, "configs", "study.yaml")
 # A stand-in for the training job: parses `--key value`, records the call, fails for run names listed in
 # $STUB_FAIL, and otherwise writes the summary.json a real run writes at its end.
 STUB = textwrap.dedent('''
-    import ast, json, os, sys
+    import json, os, sys
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
     a = {k[2:]: v for k, v in args.items()}
     out = a["output_dir"]
     ckpt = os.path.join(out, "checkpoints")
     with open(os.environ["STUB_CALLS"], "a") as f:
         f.write(json.dumps({"run_name": a["run_name"], "resumed": os.path.isdir(ckpt), "argv": sys.argv[1:],
-                            "omp": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid(), "uri": os.environ.get("MLFLOW_TRACKING_URI")})
-                + "\\n")
+                            "omp": os.environ.get("OMP_NUM_THREADS"), "pid": os.getpid(),
+                            "uri": os.environ.get("MLFLOW_TRACKING_URI")}) + "\\n")
     os.makedirs(ckpt, exist_ok=True)
     if a.get("stub_sleep"):
         import time
