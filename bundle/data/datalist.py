@@ -603,7 +603,7 @@ def summarize(datalist: Mapping, age_bins=AGE_BINS, report=None) -> dict:
     ci = {c: j for j, c in enumerate(classes)}
     out: dict = {"name": datalist.get("name"), "classes": classes, "total_images": 0, "splits": {}}
     for split in split_names(datalist):
-        recs = [r for r in datalist[split] if isinstance(r, Mapping)]
+        recs = [r for r in datalist[split] if type(r) is dict or isinstance(r, Mapping)]  # ABC check is slow
         lab = _label_codes(recs, len(classes))
         with_att = np.zeros(lab.shape, dtype=bool)
         shapes = np.zeros(len(classes), dtype=np.int64)
@@ -622,7 +622,9 @@ def summarize(datalist: Mapping, age_bins=AGE_BINS, report=None) -> dict:
                          "attention_shapes": int(shapes[j])} for j, c in enumerate(classes)}
         sex = Counter(_sex_array([r.get("sex") for r in recs]).tolist())
         ages = Counter(age_groups([r.get("age") for r in recs], bins).tolist())
-        datasets = Counter(str(r.get("dataset") or UNKNOWN) for r in recs)
+        datasets: Counter = Counter()
+        for name, n in Counter([r.get("dataset") for r in recs]).items():
+            datasets[str(name) if name not in (None, "") else UNKNOWN] += n
         out["splits"][split] = {
             "n_images": len(recs),
             "n_patients": len(pids),

@@ -98,7 +98,7 @@ def age_years(value) -> float | None:
     """
     if value is None or isinstance(value, bool | np.bool_):
         return None
-    if isinstance(value, numbers.Real):
+    if type(value) in (int, float) or isinstance(value, numbers.Real):  # exact types first: the ABC check is slow
         age = float(value)
     elif isinstance(value, str):
         m = AGE_PATTERN.match(value)
@@ -115,7 +115,8 @@ def age_years(value) -> float | None:
 def _map_unique(values, fn) -> np.ndarray:
     """Apply ``fn`` once per distinct value (few distinct values, many samples); missing -> fn(None)."""
     lst = _as_list(values)
-    if any(isinstance(v, bool | np.bool_) for v in lst):  # factorize would merge True with 1
+    types = set(map(type, lst))
+    if bool in types or np.bool_ in types:  # factorize would merge True with 1
         return np.asarray([fn(v) for v in lst], dtype=object).reshape(len(lst))
     arr = np.empty(len(lst), dtype=object)
     arr[:] = lst
@@ -139,8 +140,12 @@ def _age_array(ages) -> np.ndarray:
         vals = ages.astype(np.float64).ravel()
         with np.errstate(invalid="ignore"):
             return np.where((vals >= AGE_MIN) & (vals <= AGE_MAX), vals, np.nan)  # NaN/inf fail both tests
-    out = [age_years(v) for v in _as_list(ages)]
-    return np.asarray([math.nan if a is None else a for a in out], dtype=np.float64)
+    return _map_unique(ages, _age_or_nan).astype(np.float64)  # ages repeat: parse each distinct value once
+
+
+def _age_or_nan(v) -> float:
+    a = age_years(v)
+    return math.nan if a is None else a
 
 
 def age_groups(ages, scheme: str | Sequence[float] = "chexclusion") -> np.ndarray:
