@@ -169,11 +169,18 @@ def evaluate(
     network = network.to(device)
     group_metric = AlignmentFairnessMetric(records=[], classes=classes, attributes=attributes, age_scheme=age_scheme)
     val = None
-    if threshold.startswith("val_"):
+    summary: dict = {}
+    if threshold.startswith("val_") or threshold_split in datalist:
+        # the validation split gives the thresholds (val_* methods) and the checkpoint's validation AUC,
+        # which is what model selection (e.g. the study's best p) should use instead of a test split
         val_records = split_records(datalist, threshold_split)
         got = collect_split(network, val_records, preprocessing, device, batch_size, num_workers, amp, 0)
         val = (got["arrays"]["label"], got["arrays"]["pred"])
-    summary: dict = {}
+        if _rank() == 0:  # beside summary.json, not in it: summary.json lists evaluated (test) splits only
+            write_text_atomic(os.path.join(output_dir, "model_selection.json"), json.dumps(
+                {"split": threshold_split, "n": int(len(got["arrays"]["index"])), "mean_auc": got["mean_auc"]}))
+        if mlflow_logger is not None and mlflow_logger.cur_run is not None and _finite(got["mean_auc"]):
+            mlflow_logger._guard(mlflow_logger._log_metrics, {f"{threshold_split}_mean_auc": got["mean_auc"]}, None)
     for split in splits:
         records = split_records(datalist, split)
         logger.info(f"evaluating {split} ({len(records)} images)")

@@ -276,6 +276,9 @@ class AlignerVLM(nn.Module):
         text_pooling: "pooler" (KAD: pooler_output), "cls" (last hidden state of [CLS]) or "mean" (masked mean).
         freeze_text: freeze the text encoder and cache the C prompt embeddings (recomputed after load_state_dict).
         fusion_layers, fusion_heads, fusion_ffn, fusion_dim (default: ViT width), dropout: the fusion decoder.
+        fusion_init_std: KAD's N(0, std) init of the fusion decoder and heads (0.02); None keeps PyTorch's default
+            init, which trains a from-scratch model much faster (its near-zero chain of projections starts at a
+            saddle: the demo preset's loss stayed at the label prior for two epochs with 0.02).
         aligner: "max_norm" (default), "conv" or "sigmoid": how attention M becomes P in [0, 1].
         classifier: "linear" (one Linear(d, 1) shared by all classes, as KAD) or "per_class" (one weight per class).
         return_probs: forward returns sigmoid probabilities (B, C) instead of the dict (for inference / Deploy).
@@ -307,6 +310,7 @@ class AlignerVLM(nn.Module):
         fusion_ffn: int = 1024,
         fusion_dim: int | None = None,
         dropout: float = 0.1,
+        fusion_init_std: float | None = 0.02,
         aligner: str = "max_norm",
         classifier: str = "linear",
         return_probs: bool = False,
@@ -387,8 +391,9 @@ class AlignerVLM(nn.Module):
         fusion = nn.ModuleList(
             [self.image_proj, self.text_proj, self.memory_norm, self.query_norm, self.layers, self.decoder_norm]
         )
-        _init_normal(fusion)
-        _init_normal(self.classifier)
+        if fusion_init_std is not None:  # KAD: N(0, 0.02). None keeps PyTorch's default (Xavier/Kaiming) init.
+            _init_normal(fusion, fusion_init_std)
+            _init_normal(self.classifier, fusion_init_std)
         self.aligner_type = aligner
         if aligner == "max_norm":
             self.aligner = MaxNormAligner()
