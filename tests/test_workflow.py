@@ -124,3 +124,18 @@ def test_ddp_two_gloo_processes(tiny_datalist, tmp_path):
     client, runs = _mlflow_runs(tmp_path)
     assert len(runs) == 1  # only rank 0 logged
     assert len(client.get_metric_history(runs[0].info.run_id, "val_mean_auc")) == 1
+
+
+def test_replica_datalist_trains_one_epoch(tmp_path):
+    """A converted public-dataset replica (NIH layout, boxes in the 1024 frame, 16 px PNGs) trains as is."""
+    from tests.replicas import write_nih
+
+    write_nih(tmp_path / "nih")
+    out = tmp_path / "nih.json"
+    _run([sys.executable, os.path.join(ROOT, "scripts", "prepare_data.py"), "nih", "--root", str(tmp_path / "nih"),
+          "--out", str(out), "--check-images"])
+    data = json.loads(out.read_text())
+    assert any(a["type"] == "bbox_xywh" for r in data["training"] for a in r.get("attention", []))
+    _run(_train_args(str(out), tmp_path, "--max_epochs", "1", "--batch_size", "2", "--final_evaluation", "False",
+                     "--alignment_fraction", "1.0"))
+    assert (tmp_path / "eval" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
