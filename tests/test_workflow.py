@@ -139,3 +139,14 @@ def test_replica_datalist_trains_one_epoch(tmp_path):
     _run(_train_args(str(out), tmp_path, "--max_epochs", "1", "--batch_size", "2", "--final_evaluation", "False",
                      "--alignment_fraction", "1.0"))
     assert (tmp_path / "eval" / "checkpoints" / "checkpoint_epoch=1.pt").is_file()
+
+
+def test_zoo_metadata_and_network_shape_checks():
+    """The Model Zoo CI's checks: metadata against the 20240725 schema (offline copy) and verify_net_in_out."""
+    schema = os.path.join(ROOT, "tests", "data", "meta_schema_20240725.json")
+    meta = os.path.join(ROOT, "configs", "metadata.json")
+    p = _run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", meta, "--filepath", schema])
+    assert "metadata is verified with no error" in p.stdout + p.stderr
+    p = _run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", meta,
+              "--config_file", os.path.join(ROOT, "configs", "inference.yaml")])
+    assert "data shape of network is verified with no error" in p.stdout + p.stderr
