@@ -29,12 +29,13 @@ DEFAULT_CLASSES = ("nodule_mass", "pleural_effusion", "edema")
 # Prompts of the paper's three findings; other class names default to the name with "_" -> " ".
 DEFAULT_PROMPTS = {"nodule_mass": "nodule or mass", "pleural_effusion": "pleural effusion", "edema": "edema"}
 
-# Demo: trains on 2 CPU cores (docs/model.md has the measured speed). 128 px / patch 16 -> 8 x 8 attention maps.
+# Demo: trains on 2 CPU cores (docs/model.md has the measured speed). 96 px / patch 16 -> 6 x 6 attention maps;
+# 4 ViT layers (the quick study measured this size: docs/results.md).
 DEMO_PRESET = {
-    "image_size": 128,
+    "image_size": 96,
     "patch_size": 16,
     "vit_hidden": 192,
-    "vit_layers": 6,
+    "vit_layers": 4,
     "vit_heads": 3,
     "vit_mlp": 768,
     "text_encoder": "random-small",
