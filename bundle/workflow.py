@@ -129,3 +129,27 @@ def image_records(input_path: str, split: str = "test") -> list[dict]:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {input_path!r}")
     return with_index([{"image": os.path.abspath(f)} for f in files])
 
+
+def save_run_config(output_dir: str) -> str:
+    """Record what was executed (for MLflow): the command line with its overrides and a copy of every config file
+    it names, in ``<output_dir>/run_config/``. Returns the folder."""
+    import json
+    import shutil
+    import sys
+
+    folder = ensure_dir(os.path.join(output_dir, "run_config"))
+    argv = list(sys.argv)
+    files: list[str] = []
+    for i, a in enumerate(argv[:-1]):
+        if a in ("--config_file", "--meta_file"):
+            spec = argv[i + 1].strip()
+            names = [x.strip(" '\"") for x in spec.strip("[]").split(",")] if spec.startswith("[") else [spec]
+            files += [n for n in names if os.path.isfile(n)]
+    for f in files:
+        shutil.copy2(f, os.path.join(folder, os.path.basename(f)))
+    tmp = os.path.join(folder, ".command.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"argv": argv, "cwd": os.getcwd(), "config_files": files}, fh, indent=1)
+    os.replace(tmp, os.path.join(folder, "command.json"))
+    return folder
+

@@ -76,7 +76,7 @@ def test_train_two_epochs_checkpoint_mlflow_report_and_resume(tiny_datalist, tmp
     for key in ("val_hit_rate", "val_fair_macro/sex/gap_auc", "test_ood_mean_auc", "test_ood_hit_rate"):
         assert key in run.data.metrics, key
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert "model.pt" in arts and "evaluation" in arts
+    assert {"model.pt", "evaluation", "command.json", "train.yaml"} <= arts  # checkpoint, reports, executed config
 
     report_dir = tmp_path / "eval" / "report" / "test_ood"
     for f in ("fairness_report.json", "fairness_report.csv", "predictions.csv", "plots/auc_by_sex.png",
