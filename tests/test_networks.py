@@ -85,7 +85,8 @@ def test_demo_preset_shapes_and_attention(demo_net):
     assert torch.allclose(p.amax(dim=(-2, -1)), torch.ones(2, 3))
     # per-class queries differ, so per-class maps differ
     assert not torch.allclose(out["attn"][:, 0], out["attn"][:, 1])
-    assert demo_net.grid == (8, 8) and demo_net.classes == ("nodule_mass", "pleural_effusion", "edema")
+    side = DEMO_PRESET["image_size"] // DEMO_PRESET["patch_size"]  # the preset's native grid (inputs may differ)
+    assert demo_net.grid == (side, side) and demo_net.classes == ("nodule_mass", "pleural_effusion", "edema")
     assert demo_net.image_encoder.config.hidden_size == DEMO_PRESET["vit_hidden"]
 
 

@@ -160,7 +160,9 @@ def test_command_values_parse_back_through_fire(tmp_path):
     assert args["mlflow_parent_run_id"] == "0123456789"  # stays a string although it looks like a number
     assert args["mlflow_tags"]["setting"] == "random_p1.00" and args["mlflow_tags"]["seed"] == "1"
     assert args["output_dir"] == os.path.join(cfg.study_dir, "runs", "random_p1.00_seed1", "eval")
-    assert args["synthetic_params"] == {"n_train": 64} and args["network_def#vit_layers"] == 2
+    # mappings merge key by key: the override's n_train on top of the quick profile's other sizes
+    assert args["synthetic_params"]["n_train"] == 64 and args["network_def#vit_layers"] == 2
+    assert args["synthetic_params"]["n_val"] == cfg.train_overrides["synthetic_params"]["n_val"]
     assert args["datalist_file"] == "/data/dl.json" and args["max_epochs"] == cfg.train_overrides["max_epochs"]
 
 
