@@ -15,7 +15,6 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
 from monai.transforms import MapTransform, Randomizable
 
 from bundle.data.splits import nested_patient_subset, subsample_patients

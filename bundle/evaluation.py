@@ -27,6 +27,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset, DistributedSampler
 
+from bundle.atomic import write_text_atomic
 from bundle.engines import AlignmentEvaluator
 from bundle.handlers import AlignmentFairnessMetric, MeanAUC, PredictionCollector, _rank
 from bundle.workflow import split_records
@@ -34,14 +35,6 @@ from bundle.workflow import split_records
 logger = logging.getLogger("bundle")
 
 __all__ = ["collect_split", "evaluate", "load_checkpoint", "write_text_atomic"]
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(network: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:

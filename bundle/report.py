@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 import re
@@ -20,6 +19,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from bundle.atomic import write_text_atomic
 
 from bundle.study import CONFIG_FILE, DONE, PARENT_FILE, read_json
 
@@ -299,7 +300,7 @@ def positive_control(idx: Index, split: str, attributes: Sequence[str] = ("sex",
     settings += [(f"random, p = {p:g}", s) for p, s in idx.random().items()]
     metrics = [(f"AUC gap {a} (%)", f"macro/{a}/gap_auc", 100.0, 2) for a in attributes]
     metrics += [("mean AUC", "mean_auc", 1.0, 3), ("hit rate (%)", "hit_rate", 100.0, 1)]
-    md = [f"| setting | " + " | ".join(m[0] for m in metrics) + " | seeds |", "|---|" + "---|" * (len(metrics) + 1)]
+    md = ["| setting | " + " | ".join(m[0] for m in metrics) + " | seeds |", "|---|" + "---|" * (len(metrics) + 1)]
     rows = []
     for label, s in settings:
         vals = [idx.get(s, split, key) for _, key, _, _ in metrics]
@@ -516,14 +517,6 @@ def attention_gallery(runs: Sequence[Mapping], idx: Index, split: str, models: S
 
 
 # ================================================================================================ writing
-def _write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _csv(rows: Sequence[Mapping]) -> str:
     buf = io.StringIO()
     keys: list[str] = []
@@ -592,7 +585,7 @@ def make_report(study_dir: str, out_dir: str | None = None, options: Mapping | N
     written: dict[str, str] = {}
 
     def put(name: str, text: str) -> None:
-        _write_text(os.path.join(out_dir, name), text)
+        write_text_atomic(os.path.join(out_dir, name), text)
         written[name] = os.path.join(out_dir, name)
 
     put("results.csv", _csv(long_rows(runs)))

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from bundle.atomic import write_text_atomic
+
 logger = logging.getLogger("bundle.study")
 
 __all__ = [
@@ -69,13 +71,7 @@ CONFIG_FILE = "study_config.json"
 
 # ================================================================================================ small helpers
 def write_json_atomic(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=str), fsync=True)
 
 
 def read_json(path: str):

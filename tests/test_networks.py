@@ -10,7 +10,6 @@ from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 from bundle.networks import (
     DEMO_PRESET,
     AlignerVLM,
-    AlignerVLMInference,
     build_aligner_vlm,
     upsample_attention,
 )

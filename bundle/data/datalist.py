@@ -23,11 +23,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 
+from bundle.atomic import write_text_atomic
 import numpy as np
 
 from bundle.metrics.groups import AGE_MAX, AGE_MIN, AGE_SCHEMES, UNKNOWN, age_groups, age_years, sex_label
@@ -538,19 +538,8 @@ def write_json_atomic(obj, path: str | os.PathLike, indent: int | None = None) -
     encoder (``json.dump`` always runs the pure-Python one, ~20x slower on the 112k-record NIH datalist).
     Numpy scalars/arrays and dataclasses are converted; NaN/inf are rejected (not valid JSON).
     """
-    path = os.path.abspath(os.fspath(path))
     text = json.dumps(obj, indent=indent, default=_json_default, allow_nan=False) + "\n"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def save(datalist: Mapping, path: str | os.PathLike, indent: int | None = 1) -> str:
