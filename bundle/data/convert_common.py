@@ -45,6 +45,7 @@ __all__ = [
     "parse_sex",
     "parse_tristate",
     "drop_duplicates",
+    "require_key",
     "assign_splits",
     "select_classes",
     "write_json_atomic",
@@ -283,6 +284,19 @@ def parse_tristate(
         report.add_rows(f"unparsable label '{column}'", file, lines[bad], s[bad].tolist(), "label set to -1")
     out = np.where(ok, num, np.where(empty, blank, -1))
     return out.astype(np.int8)
+
+
+def require_key(df: pd.DataFrame, key: str, report: ConversionReport, file, lines: np.ndarray, what: str):
+    """Strip the key column, drop (and report) rows without a key, then drop (and report) duplicated keys.
+
+    Returns (df, lines) for the rows that remain. ``what`` names the key in messages, e.g. "Image Index".
+    """
+    df[key] = df[key].str.strip()
+    missing = df[key].isna().to_numpy()
+    if missing.any():
+        report.add_rows(f"row without {what}", file, lines[missing], action="row dropped")
+        df, lines = df.loc[~missing].reset_index(drop=True), lines[~missing]
+    return drop_duplicates(df, key, report, file, lines)
 
 
 def drop_duplicates(df: pd.DataFrame, key: str | list[str], report: ConversionReport, file, lines: np.ndarray):

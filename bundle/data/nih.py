@@ -28,6 +28,7 @@ from bundle.data.convert_common import (
     ConversionReport,
     age_list,
     drop_duplicates,
+    require_key,
     file_lines,
     find_file,
     match_columns,
@@ -122,12 +123,7 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     df = match_columns(read_csv(entry_path), ENTRY_COLUMNS, entry_path)[list(ENTRY_COLUMNS)]
     lines = file_lines(df)
 
-    df["image"] = df["image"].str.strip()
-    no_img = df["image"].isna().to_numpy()
-    if no_img.any():
-        report.add_rows("row without Image Index", entry_path, lines[no_img], action="row dropped")
-        df, lines = df.loc[~no_img].reset_index(drop=True), lines[~no_img]
-    df, lines = drop_duplicates(df, "image", report, entry_path, lines)
+    df, lines = require_key(df, "image", report, entry_path, lines, "Image Index")
 
     # findings: normalise separators, one-hot by token (vectorised), unknown tokens counted
     findings = df["findings"].fillna("").str.replace(r"\s*\|\s*", "|", regex=True).str.strip()

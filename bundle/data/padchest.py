@@ -34,6 +34,7 @@ from bundle.data.convert_common import (
     ConversionReport,
     age_list,
     drop_duplicates,
+    require_key,
     file_lines,
     find_file,
     find_files,
@@ -166,12 +167,7 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     report.files["labels"] = str(main)
     df = match_columns(read_csv(main), COLUMNS, main, optional=OPTIONAL)
     lines = file_lines(df)
-    df["ImageID"] = df["ImageID"].str.strip()
-    no_id = df["ImageID"].isna().to_numpy()
-    if no_id.any():
-        report.add_rows("row without ImageID", main, lines[no_id], action="row dropped")
-        df, lines = df.loc[~no_id].reset_index(drop=True), lines[~no_id]
-    df, lines = drop_duplicates(df, "ImageID", report, main, lines)
+    df, lines = require_key(df, "ImageID", report, main, lines, "ImageID")
 
     terms, unknown = parse_label_lists(df["Labels"], report, main, lines)
     labels = label_matrix(terms)
