@@ -1,4 +1,4 @@
-"""Atomic file writing: a crash or an exception never leaves half a file, readers see the old or the new one.
+"""Writing result files. Atomic writes: a crash or an exception never leaves half a file, readers see the old or the new one.
 
 One primitive (temp file in the same folder, then ``os.replace``) for every text/JSON/CSV the bundle writes;
 checkpoints (bundle.handlers.atomic_torch_save) and figures (bundle.plots.save_figure) use the same pattern
@@ -6,10 +6,14 @@ with their own serialisers.
 """
 from __future__ import annotations
 
+import csv
+import io
+import math
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 
-__all__ = ["write_text_atomic"]
+__all__ = ["write_text_atomic", "rows_to_csv"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = False) -> str:
@@ -30,3 +34,17 @@ def write_text_atomic(path: str | os.PathLike, text: str, fsync: bool = False) -
             os.unlink(tmp)
         raise
     return path
+
+
+def rows_to_csv(rows: Sequence[Mapping]) -> str:
+    """CSV text of a list of dicts: columns in first-seen order over all rows; NaN and missing cells are empty."""
+    buf = io.StringIO()
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    return buf.getvalue()
+

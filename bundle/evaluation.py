@@ -27,7 +27,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset, DistributedSampler
 
-from bundle.atomic import write_text_atomic
+from bundle.atomic import rows_to_csv, write_text_atomic
 from bundle.engines import AlignmentEvaluator
 from bundle.handlers import AlignmentFairnessMetric, MeanAUC, PredictionCollector, _rank
 from bundle.workflow import split_records
@@ -197,7 +197,7 @@ def evaluate(
         out = os.path.join(output_dir, split)
         thresholds = [report["thresholds"][c]["value"] for c in classes]
         write_text_atomic(os.path.join(out, "fairness_report.json"), json.dumps(report, indent=1, default=_json))
-        write_text_atomic(os.path.join(out, "fairness_report.csv"), _rows_csv(M.report_to_rows(report)))
+        write_text_atomic(os.path.join(out, "fairness_report.csv"), rows_to_csv(M.report_to_rows(report)))
         age_lab = list(M.age_groups([r if r is not None else np.nan for r in _metadata_columns(
             records, arrays["index"])["age"]], scheme=age_scheme))
         write_text_atomic(os.path.join(out, "predictions.csv"),
@@ -235,14 +235,3 @@ def _json(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def _rows_csv(rows: Sequence[Mapping]) -> str:
-    buf = io.StringIO()
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    return buf.getvalue()

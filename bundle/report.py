@@ -10,8 +10,6 @@ names follow summary.json without the split prefix: ``mean_auc``, ``hit_rate``, 
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import re
@@ -20,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from bundle.atomic import write_text_atomic
+from bundle.atomic import rows_to_csv, write_text_atomic
 
 from bundle.study import CONFIG_FILE, DONE, PARENT_FILE, read_json
 
@@ -517,18 +515,6 @@ def attention_gallery(runs: Sequence[Mapping], idx: Index, split: str, models: S
 
 
 # ================================================================================================ writing
-def _csv(rows: Sequence[Mapping]) -> str:
-    buf = io.StringIO()
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
 def _log_to_mlflow(study_dir: str, report_dir: str, metrics: Mapping[str, float], log) -> bool:
     """Log the report folder (and headline numbers) to the study's parent run; False (with a warning) on any error."""
     rec = read_json(os.path.join(study_dir, PARENT_FILE))
@@ -588,8 +574,8 @@ def make_report(study_dir: str, out_dir: str | None = None, options: Mapping | N
         write_text_atomic(os.path.join(out_dir, name), text)
         written[name] = os.path.join(out_dir, name)
 
-    put("results.csv", _csv(long_rows(runs)))
-    put("aggregated.csv", _csv(agg))
+    put("results.csv", rows_to_csv(long_rows(runs)))
+    put("aggregated.csv", rows_to_csv(agg))
 
     base = idx.aligned().get(0.0)
     best_p, best_s, how = choose_best_p(idx, opts["best_p_by"])
@@ -598,7 +584,7 @@ def make_report(study_dir: str, out_dir: str | None = None, options: Mapping | N
     comp_p1 = gap_comparisons(idx, base, p1, attributes=attrs)
     lowered_best, total_best = count_lowered(comp_best)
     lowered_p1, total_p1 = count_lowered(comp_p1)
-    put("gap_comparisons.csv", _csv([{"comparison": "best_p", **r} for r in comp_best]
+    put("gap_comparisons.csv", rows_to_csv([{"comparison": "best_p", **r} for r in comp_best]
                                     + [{"comparison": "p1", **r} for r in comp_p1]))
 
     paper_models = [("w/o (p = 0)", base)] + ([(f"Aligner (best p = {best_p:g})", best_s)] if best_s else [])
@@ -606,11 +592,11 @@ def make_report(study_dir: str, out_dir: str | None = None, options: Mapping | N
                                        for p, s in idx.aligned().items() if p > 0]
     t2_md, t2_rows = table2(idx, [m for m in paper_models if m[1]], attrs)
     t2all_md, t2all_rows = table2(idx, [m for m in every if m[1]], attrs)
-    put("table2.csv", _csv(t2_rows))
-    put("table2_all_levels.csv", _csv(t2all_rows))
+    put("table2.csv", rows_to_csv(t2_rows))
+    put("table2_all_levels.csv", rows_to_csv(t2all_rows))
     split_c = opts["control_split"] if opts["control_split"] in idx.splits else (idx.splits[-1] if idx.splits else "")
     pc_md, pc_rows = positive_control(idx, split_c, attrs)
-    put("positive_control.csv", _csv(pc_rows))
+    put("positive_control.csv", rows_to_csv(pc_rows))
 
     figs: dict[str, str | None] = {}
     figs["fig3_gap_vs_performance.png"] = fig3_gap_vs_performance(
