@@ -27,7 +27,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset, DistributedSampler
 
-from bundle.atomic import rows_to_csv, write_text_atomic
+from bundle.utils.atomic import rows_to_csv, write_text_atomic
 from bundle.engines import AlignmentEvaluator
 from bundle.handlers import AlignmentFairnessMetric, MeanAUC, PredictionCollector, _rank
 from bundle.workflow import split_records

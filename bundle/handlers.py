@@ -195,14 +195,14 @@ class AlignmentFairnessMetric(PredictionCollector):
         super().__init__(output_transform=output_transform, device=device)
 
     def groups_for(self, index: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        from bundle.metrics import age_groups, normalize_sex
+        from bundle.metrics import age_groups, sex_labels
 
         recs = [self.records[int(i)] for i in index]
         groups = {}
         for a in self.attributes:
             vals = [r.get(a) for r in recs]
             if a == "sex":
-                groups[a] = np.asarray(normalize_sex(vals), dtype=object)
+                groups[a] = np.asarray(sex_labels(vals), dtype=object)
             elif a == "age":
                 ages = np.array([np.nan if v is None else float(v) for v in vals], dtype=float)
                 groups[a] = np.asarray(age_groups(ages, scheme=self.age_scheme), dtype=object)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from bundle.atomic import rows_to_csv, write_text_atomic
+from bundle.utils.atomic import rows_to_csv, write_text_atomic
 
 from bundle.study import CONFIG_FILE, DONE, PARENT_FILE, read_json
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from bundle.atomic import write_text_atomic
+from bundle.utils.atomic import write_text_atomic
 
 logger = logging.getLogger("bundle.study")
 

@@ -138,14 +138,14 @@ def test_strict_false_returns_problems(tmp_path):
     assert out["training"][0]["label"] == [1, 0]  # invalid labels are left as they are
 
 
-# the datalist reads sex and age exactly like the fairness metrics (bundle.metrics.groups): one definition
+# the datalist reads sex and age exactly like the fairness metrics (bundle.demographics): one definition
 @pytest.mark.parametrize("raw, sex", [("M", "M"), ("Male", "M"), ("m", "M"), ("man", "M"), (" female ", "F"),
                                       ("F", "F"), ("Woman", "F"), (1, "M"), ("2", "F"), ("O", "unknown"),
                                       ("", "unknown"), (None, "unknown"), (0, "unknown"), (True, "unknown")])
 def test_sex_normalisation(raw, sex):
-    from bundle.metrics import normalize_sex
+    from bundle.demographics import sex_label, sex_labels
 
-    assert dl.normalize_sex(raw) == sex == normalize_sex([raw])[0]
+    assert sex_label(raw) == sex == sex_labels([raw])[0]
 
 
 @pytest.mark.parametrize("raw, age", [(57, 57), (57.5, 57.5), ("57", 57), ("045Y", 45), ("006M", 0.5), ("010W", 0.19),

@@ -27,13 +27,13 @@ from bundle.metrics import (
     iou,
     miou,
     miou_report,
-    normalize_sex,
+    sex_labels,
     pair_metric_report,
     report_to_rows,
     select_threshold,
     upsample_bilinear,
 )
-from bundle.metrics.groups import age_years, sex_label
+from bundle.demographics import age_years, sex_label
 
 
 def _data(n=600, c=2, seed=0, ties=False):
@@ -47,11 +47,11 @@ def _data(n=600, c=2, seed=0, ties=False):
 
 # ---------------------------------------------------------------- groups
 
-def test_normalize_sex():
-    got = normalize_sex(["M", "Male", "male", 1, "1", "F", "Female", "female", 2, "f", "O", None, float("nan"), "",
+def test_sex_labels():
+    got = sex_labels(["M", "Male", "male", 1, "1", "F", "Female", "female", 2, "f", "O", None, float("nan"), "",
                          0, 9, True])
     assert got.tolist() == ["M"] * 5 + ["F"] * 5 + ["unknown"] * 7
-    assert normalize_sex(["man", " Woman ", np.int64(1)]).tolist() == ["M", "F", "M"]
+    assert sex_labels(["man", " Woman ", np.int64(1)]).tolist() == ["M", "F", "M"]
 
 
 @pytest.mark.parametrize("raw,sex", [("M", "M"), (" male ", "M"), ("Man", "M"), (1, "M"), (1.0, "M"), ("1", "M"),
@@ -174,7 +174,7 @@ def test_threshold_uses_validation_only():
 # ---------------------------------------------------------------- the report vs fairlearn
 
 def _groups(n, rng):
-    sex = normalize_sex(rng.choice(["Male", "Female"], n, p=[0.59, 0.41]))
+    sex = sex_labels(rng.choice(["Male", "Female"], n, p=[0.59, 0.41]))
     age = age_groups(rng.gamma(9, 7, n).clip(21, 99))  # no [0,20) group: 4 age groups
     return {"sex": sex, "age": age}
 

@@ -9,7 +9,7 @@ from skimage.draw import polygon as sk_polygon
 
 from bundle.transforms import (AttentionError, CXRIntensityd, Letterboxd, LoadCXRd, RasterizeAttentiond,
                                letterbox_params, rasterize_attention)
-from tests._dicom_factory import make_dataset, write
+from bundle.utils.dicom import make_dataset, write
 
 H, W, S = 300, 200, 64  # non-square native image, letterboxed to 64 x 64 (scale 0.2133, pad_left 10)
 CLASSES = ["nodule_mass", "pleural_effusion", "edema"]

@@ -12,7 +12,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLEL
 
 from bundle.transforms import CXRLoadError, LoadCXRd, content_size, load_cxr, parse_dicom_age
 from bundle.transforms import io as cxr_io
-from tests._dicom_factory import lung_masks, make_dataset, phantom, write
+from bundle.utils.dicom import lung_masks, make_dataset, phantom, write
 
 H, W = 64, 48
 

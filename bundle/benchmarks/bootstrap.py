@@ -22,7 +22,7 @@ TARGET_S = 60.0
 def synthetic_cohort(n: int, seed: int = 0) -> dict:
     """CheXpert-like cohort: patients with 1 + Poisson(1.07) images, 59% male, age ~ N(61, 17) clipped, aging
     over follow-up images (so a patient's age group can change), 0.2% missing sex / age, 5% uncertain labels."""
-    from bundle.metrics import age_groups, normalize_sex
+    from bundle.metrics import age_groups, sex_labels
 
     rng = np.random.default_rng(seed)
     per = 1 + rng.poisson(1.07, int(n / 2.07 * 1.05) + 10)  # a few spare patients, cut to n images below
@@ -34,7 +34,7 @@ def synthetic_cohort(n: int, seed: int = 0) -> dict:
     age_p = np.clip(rng.normal(61, 17, n_pat), 18, 95)
     age = age_p[pid] + visit * rng.uniform(0, 1.5, n)
     age[rng.random(n) < 0.002] = np.nan
-    sex = normalize_sex(sex_p[pid])
+    sex = sex_labels(sex_p[pid])
     ages = age_groups(age, "chexclusion")
     C = len(CLASSES)
     y = (rng.random((n, C)) < np.asarray(PREVALENCE)).astype(float)

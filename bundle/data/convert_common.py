@@ -12,7 +12,7 @@ What lives here and why:
 - header matching (:func:`match_columns`): case-insensitive, whitespace-tolerant, with per-column aliases, so
   known variants (``Patient Gender`` / ``Patient Sex``, ``LabelCUIS`` / ``labelCUIS``) read the same.
 - vectorised parsers for ages, sexes and tri-state labels (pandas, no per-row Python): the full NIH table
-  must convert in seconds. Sex and age *semantics* are bundle.metrics.groups' (sex_label, AGE_PATTERN,
+  must convert in seconds. Sex and age *semantics* are bundle.demographics' (sex_label, AGE_PATTERN,
   AGE_MIN/AGE_MAX); these add the bad-row reporting. Summaries and the atomic JSON writer are
   bundle.data.datalist's (summarize, format_summary, write_json_atomic, save).
 """
@@ -29,7 +29,7 @@ import pandas as pd
 
 from bundle.data.datalist import AGE_BINS, format_summary, save, summarize, write_json_atomic
 from bundle.data.splits import patient_split
-from bundle.metrics.groups import AGE_MAX, AGE_MIN, AGE_PATTERN, AGE_UNIT_YEARS, normalize_sex
+from bundle.demographics import AGE_MAX, AGE_MIN, AGE_PATTERN, AGE_UNIT_YEARS, sex_labels
 
 __all__ = [
     "CLASSES",
@@ -233,7 +233,7 @@ def parse_age(
 ) -> np.ndarray:
     """Ages in years (float, NaN = unknown) from numbers or DICOM-style strings ("045Y", "018M").
 
-    Vectorised :func:`bundle.metrics.groups.age_years` (same grammar and limits) plus reporting: unparsable
+    Vectorised :func:`bundle.demographics.age_years` (same grammar and limits) plus reporting: unparsable
     values and impossible ages (< 0 or > 110) become unknown and are counted with examples.
     ``zero_is_missing``: datasets that write 0 for "unknown" (CheXpert) count those as unknown, too.
     """
@@ -261,9 +261,9 @@ def parse_age(
 
 
 def parse_sex(values: pd.Series) -> np.ndarray:
-    """"M"/"F"/"unknown" per row: :func:`bundle.metrics.groups.sex_label` (M/Male/Man/1, F/Female/Woman/2, any
+    """"M"/"F"/"unknown" per row: :func:`bundle.demographics.sex_label` (M/Male/Man/1, F/Female/Woman/2, any
     case), evaluated once per distinct value; anything else (O, Unknown, blank) is "unknown"."""
-    return normalize_sex(values)
+    return sex_labels(values)
 
 
 def parse_tristate(

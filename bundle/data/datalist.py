@@ -11,7 +11,7 @@ labels and validates; :func:`validate` returns every :class:`Problem` at once (s
 what is wrong, how to fix it) so that a user fixes a converter in one round instead of one error per
 run. The file stays readable by ``monai.data.load_decathlon_datalist``.
 
-Sex and age semantics live in :mod:`bundle.metrics.groups` (one definition for loading, validation,
+Sex and age semantics live in :mod:`bundle.demographics` (one definition for loading, validation,
 conversion and the fairness metrics); this module adds the datalist's conventions on top of them
 (ages stored as ints when whole, rounded to 0.01 year otherwise). :func:`summarize` and
 :func:`write_json_atomic` / :func:`save` are also what the dataset converters use.
@@ -27,11 +27,11 @@ from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 
-from bundle.atomic import write_text_atomic
+from bundle.utils.atomic import write_text_atomic
 import numpy as np
 
-from bundle.metrics.groups import AGE_MAX, AGE_MIN, AGE_SCHEMES, UNKNOWN, age_groups, age_years, sex_label
-from bundle.metrics.groups import normalize_sex as _sex_array
+from bundle.demographics import AGE_MAX, AGE_MIN, AGE_SCHEMES, UNKNOWN, age_groups, age_years, sex_label
+from bundle.demographics import sex_labels as _sex_array
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -44,7 +44,6 @@ __all__ = [
     "load",
     "normalize_age",
     "normalize_label",
-    "normalize_sex",
     "save",
     "split_names",
     "summarize",
@@ -109,14 +108,9 @@ class DatalistError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- normalisers
-def normalize_sex(value) -> str:
-    """"M", "F" or "unknown" (:func:`bundle.metrics.groups.sex_label`: M/Male/Man/1, F/Female/Woman/2, any case)."""
-    return sex_label(value)
-
-
 def normalize_age(value) -> float | int | None:
     """Age in years as stored in a datalist (int when whole, else rounded to 0.01), or None when missing,
-    unparsable or impossible (< 0 or > 110): :func:`bundle.metrics.groups.age_years` (numbers, "57", "57.5",
+    unparsable or impossible (< 0 or > 110): :func:`bundle.demographics.age_years` (numbers, "57", "57.5",
     DICOM age strings "045Y", "006M", "003W", "010D")."""
     age = age_years(value)
     if age is None:
@@ -148,7 +142,7 @@ def _scheme(bins):
 def age_group(age, bins=AGE_BINS) -> str:
     """The left-closed bin label of one age, e.g. "[40,60)", "[80,inf)", or "unknown".
 
-    Scalar form of :func:`bundle.metrics.groups.age_groups` (``bins``: lower edges or a scheme name);
+    Scalar form of :func:`bundle.demographics.age_groups` (``bins``: lower edges or a scheme name);
     for many ages call ``age_groups`` once.
     """
     return str(age_groups([age], _scheme(bins))[0])
@@ -377,7 +371,7 @@ class _Checker:
         if "sex" not in rec or rec.get("sex") is None:
             self.add(split, i, "sex", "missing; counted as 'unknown'", 'add "sex": "M" or "F" if known',
                      "warning", code="sex_unknown")
-        elif normalize_sex(rec["sex"]) == "unknown":
+        elif sex_label(rec["sex"]) == "unknown":
             self.add(split, i, "sex", f"value {rec['sex']!r} is not M/F/Male/Female; counted as 'unknown'",
                      'use "M" or "F" (left out of sex gaps otherwise)', "warning", code="sex_unknown")
         if "age" not in rec or rec.get("age") is None:
@@ -463,7 +457,7 @@ def _normalize(datalist: dict, base_dir: str) -> dict:
                 rec["label"] = normalize_label(rec.get("label"), n)
             except ValueError:
                 pass  # reported by validate; left as is
-            rec["sex"] = normalize_sex(rec.get("sex"))
+            rec["sex"] = sex_label(rec.get("sex"))
             rec["age"] = normalize_age(rec.get("age"))
             for att in rec.get("attention") or []:
                 if isinstance(att, dict) and isinstance(att.get("path"), str) and att["path"]:

@@ -31,7 +31,7 @@ import numpy as np
 
 from bundle.data import datalist as dl
 from bundle.data.splits import patient_split
-from bundle.metrics.groups import age_groups
+from bundle.demographics import age_groups, sex_label
 
 __all__ = [
     "CLASSES",
@@ -877,7 +877,7 @@ def synthetic_summary(datalist: Mapping, seed: int, params: SyntheticParams) -> 
         recs = datalist.get(split, [])
         sc = counts["splits"].get(split, {"n_images": 0, "n_patients": 0, "classes": {}, "sex": {}, "age_groups": {}})
         groups = {"all": [True] * len(recs)}
-        sexes = [dl.normalize_sex(r.get("sex")) for r in recs]
+        sexes = [sex_label(r.get("sex")) for r in recs]
         ages = age_groups([r.get("age") for r in recs], list(dl.AGE_BINS)).tolist()
         for s in ("F", "M"):
             groups[f"sex={s}"] = [x == s for x in sexes]

@@ -16,7 +16,7 @@ import numpy as np
 from skimage.filters import threshold_otsu
 
 from .bootstrap import default_chunk, patient_index, patient_strata, patient_weights, percentile_ci
-from .groups import UNKNOWN, clean_labels, natural_key
+from bundle.demographics import UNKNOWN, clean_labels, natural_key
 from .report import _jsonable
 
 __all__ = ["upsample_bilinear", "hit_rate", "iou", "miou", "pair_metric_report", "hit_rate_report", "miou_report"]

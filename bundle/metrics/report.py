@@ -17,7 +17,7 @@ from .bootstrap import (
     percentile_ci,
 )
 from .core import HIGHER_IS_BETTER, METRICS, as_2d, check_scores, group_metrics, known_mask, resolve_thresholds
-from .groups import UNKNOWN, clean_labels, intersect_groups, natural_key
+from bundle.demographics import UNKNOWN, clean_labels, intersect_groups, natural_key
 
 __all__ = ["fairness_report", "report_to_rows", "flatten_for_mlflow", "GAP_METRICS_MLFLOW", "REPORT_VERSION"]
 
@@ -153,7 +153,7 @@ def fairness_report(
     """Subgroup fairness report (JSON-serialisable dict; ``None`` = undefined/NaN).
 
     y_true (N, C) with 1/0 and -1 or NaN for unknown (excluded per class); y_score (N, C) probabilities.
-    groups: {attribute: labels per sample} (use normalize_sex / age_groups first; missing -> "unknown").
+    groups: {attribute: labels per sample} (use sex_labels / age_groups first; missing -> "unknown").
     threshold: "val_f1" (default, needs ``val=(y_true_val, y_score_val)``), "val_youden", "fixed" (0.5),
     "test_f1" (optimistic), a number, or one number per class. Bootstrap: ``n_boot`` replicates resampling
     patients (``patient_id``; None = each sample its own patient) within each subgroup of the attribute, percentile

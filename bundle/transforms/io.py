@@ -27,7 +27,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
-from bundle.metrics.groups import UNKNOWN, age_years, sex_label
+from bundle.demographics import UNKNOWN, age_years, sex_label
 
 __all__ = [
     "CXRLoadError",
@@ -62,12 +62,12 @@ def _err(path, problem: str, fix: str) -> CXRLoadError:
 # ----------------------------------------------------------------------------------------------- metadata
 def parse_dicom_age(value: Any) -> float | None:
     """DICOM AS string ("045Y", "006M", "010W", "003D"; also "45", "45Y") -> age in years; None if missing,
-    unparsable or outside [0, 110] (:func:`bundle.metrics.groups.age_years`, the bundle's one age parser)."""
+    unparsable or outside [0, 110] (:func:`bundle.demographics.age_years`, the bundle's one age parser)."""
     return age_years(value)
 
 
 def _parse_sex(value: Any) -> str | None:
-    """DICOM PatientSex -> "M"/"F" (:func:`bundle.metrics.groups.sex_label`), None when unknown ("O", empty) so
+    """DICOM PatientSex -> "M"/"F" (:func:`bundle.demographics.sex_label`), None when unknown ("O", empty) so
     that LoadCXRd only fills a record's sex from a header that knows it."""
     s = sex_label(value)
     return None if s == UNKNOWN else s

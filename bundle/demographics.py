@@ -27,7 +27,7 @@ __all__ = [
     "AGE_UNIT_YEARS",
     "sex_label",
     "age_years",
-    "normalize_sex",
+    "sex_labels",
     "age_groups",
     "intersect_groups",
     "clean_labels",
@@ -125,7 +125,7 @@ def _map_unique(values, fn) -> np.ndarray:
     return lookup[codes]
 
 
-def normalize_sex(values) -> np.ndarray:
+def sex_labels(values) -> np.ndarray:
     """Map sex codes to "M" / "F" / "unknown" (:func:`sex_label` of each value, computed once per distinct value)."""
     return _map_unique(values, sex_label)
 
@@ -213,10 +213,10 @@ def demographic_groups(
     age_scheme: str | Sequence[float] = "chexclusion",
     extra: Mapping[str, Sequence] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Convenience: ``{"sex": normalize_sex(sex), "age": age_groups(age, age_scheme), **extra}``."""
+    """Convenience: ``{"sex": sex_labels(sex), "age": age_groups(age, age_scheme), **extra}``."""
     groups: dict[str, np.ndarray] = {}
     if sex is not None:
-        groups["sex"] = normalize_sex(sex)
+        groups["sex"] = sex_labels(sex)
     if age is not None:
         groups["age"] = age_groups(age, age_scheme)
     for k, v in (extra or {}).items():

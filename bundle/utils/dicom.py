@@ -1,5 +1,12 @@
-"""Build small DICOM radiographs with pydicom for tests (uncompressed or compressed with Dataset.compress)."""
+"""The DICOM factory: radiographs built with pydicom, uncompressed or compressed with ``Dataset.compress``.
+
+One builder for the synthetic generator (site B), the benchmarks and the tests, so every DICOM the project writes
+follows the same rules (file meta, SOP class, pixel module) and a fix lands everywhere at once.
+"""
+
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -36,21 +43,30 @@ def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_s
                  window: tuple | None = None, voi_lut: tuple | None = None, rescale: tuple | None = None,
                  modality_lut: tuple | None = None, modality: str | None = "DX", sex: str | None = "F",
                  age: str | None = "045Y", view: str | None = "PA", presentation_shape: str | None = None,
-                 with_pixels: bool = True, frames: int = 1) -> Dataset:
+                 with_pixels: bool = True, frames: int = 1, patient_id: str | None = "P1",
+                 pixel_spacing: tuple | None = (0.2, 0.2),
+                 sop_class_uid: str = DigitalXRayImageStorageForPresentation,
+                 sop_instance_uid: str | None = None, extra: Mapping | None = None,
+                 file_meta_extra: Mapping | None = None) -> Dataset:
     """Dataset with the given stored pixels (uint8/uint16/int16 (H, W) or (F, H, W) when frames > 1).
 
     window: (center, width) or ([c1, c2], [w1, w2]); voi_lut / modality_lut: (first_map, bits, data list);
-    rescale: (slope, intercept).
+    rescale: (slope, intercept). ``extra`` sets further data elements by keyword (applied last, so it may
+    override any default), ``file_meta_extra`` further file meta elements; ``sop_instance_uid`` defaults to a
+    new random UID (pass a derived one for reproducible files).
     """
     pixels = np.asarray(pixels)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_instance_uid or generate_uid()
+    for k, v in (file_meta_extra or {}).items():
+        setattr(ds.file_meta, k, v)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientID = "P1"
+    if patient_id is not None:
+        ds.PatientID = patient_id
     if modality is not None:
         ds.Modality = modality
     if sex is not None:
@@ -66,7 +82,8 @@ def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_s
     ds.BitsStored = bits_stored or ds.BitsAllocated
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    ds.PixelSpacing = [0.2, 0.2]
+    if pixel_spacing is not None:
+        ds.PixelSpacing = list(pixel_spacing)
     if frames > 1:
         ds.NumberOfFrames = frames
     if window is not None:
@@ -81,6 +98,8 @@ def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_s
         ds.VOILUTSequence = Sequence([_lut_item(*voi_lut)])
     if presentation_shape is not None:
         ds.PresentationLUTShape = presentation_shape
+    for k, v in (extra or {}).items():
+        setattr(ds, k, v)
     if with_pixels:
         ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     return ds
@@ -96,13 +115,13 @@ def _lut_item(first_map: int, bits: int, data) -> Dataset:
     return item
 
 
-def write(ds: Dataset, path, transfer_syntax=None, preamble: bool = True) -> str:
+def write(ds: Dataset, path, transfer_syntax=None, preamble: bool = True, encoding_plugin: str = "") -> str:
     """Save ``ds`` (a copy compressed with ``transfer_syntax`` when given) and return the path."""
     import copy
 
-    ds = copy.deepcopy(ds)
     if transfer_syntax is not None:
-        ds.compress(transfer_syntax)
+        ds = copy.deepcopy(ds)
+        ds.compress(transfer_syntax, encoding_plugin=encoding_plugin)
     if preamble:
         ds.save_as(path, enforce_file_format=True)
     else:
