@@ -8,6 +8,7 @@
   distribution equals the real one exactly).
 - training data ratio: a seeded, nested, patient-level subsample of the training split.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,7 +45,7 @@ def prepare_training_records(
     # A different seed stream than the data ratio, so the two draws are independent.
     selected = nested_patient_subset(kept, alignment_fraction, seed=seed + 7919, key="image")
     out = []
-    for rec, sel in zip(kept, selected):
+    for rec, sel in zip(kept, selected, strict=True):
         r = dict(rec)
         r[ALIGN_SUBSET_KEY] = bool(sel)
         out.append(r)

@@ -8,8 +8,10 @@ This module is the single home of the demographic semantics: the datalist loader
 Every labelling function returns plain ``str`` labels (object arrays) so reports stay JSON-serialisable, and
 maps anything it cannot interpret to ``"unknown"`` (reported, counted, excluded from gaps) instead of dropping it.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import re
@@ -161,8 +163,10 @@ def age_groups(ages, scheme: str | Sequence[float] = "chexclusion") -> np.ndarra
     ok = ~np.isnan(vals)
     if isinstance(scheme, str):
         if scheme not in AGE_SCHEMES:
-            raise ValueError(f"age_groups: unknown scheme {scheme!r}; use one of {sorted(AGE_SCHEMES)} "
-                             "or a list of increasing lower bin edges such as [0, 20, 40, 60, 80]")
+            raise ValueError(
+                f"age_groups: unknown scheme {scheme!r}; use one of {sorted(AGE_SCHEMES)} "
+                "or a list of increasing lower bin edges such as [0, 20, 40, 60, 80]"
+            )
         spec = AGE_SCHEMES[scheme]
         if spec == "binary60":
             out[ok & (vals <= 60)] = "<=60"
@@ -172,9 +176,11 @@ def age_groups(ages, scheme: str | Sequence[float] = "chexclusion") -> np.ndarra
     else:
         edges = np.asarray(list(scheme), dtype=float)
         if edges.ndim != 1 or edges.size == 0 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0):
-            raise ValueError(f"age_groups: custom scheme must be a non-empty, strictly increasing list of finite "
-                             f"lower edges, e.g. [0, 20, 40, 60, 80]; got {list(scheme)}")
-    labels = [f"[{_edge_str(lo)},{_edge_str(hi)})" for lo, hi in zip(edges[:-1], edges[1:])]
+            raise ValueError(
+                f"age_groups: custom scheme must be a non-empty, strictly increasing list of finite "
+                f"lower edges, e.g. [0, 20, 40, 60, 80]; got {list(scheme)}"
+            )
+    labels = [f"[{_edge_str(lo)},{_edge_str(hi)})" for lo, hi in itertools.pairwise(edges)]
     labels.append(f"[{_edge_str(edges[-1])},inf)")
     idx = np.searchsorted(edges, vals[ok], side="right") - 1  # bin i holds edges[i] <= age < edges[i+1]
     lab = np.asarray(labels + [UNKNOWN], dtype=object)
@@ -203,7 +209,7 @@ def intersect_groups(*label_arrays, sep: str = " & ") -> np.ndarray:
     n = {len(a) for a in arrs}
     if len(n) != 1:
         raise ValueError(f"intersect_groups: label arrays differ in length {sorted(n)}")
-    out = [UNKNOWN if UNKNOWN in parts else sep.join(parts) for parts in zip(*arrs)]
+    out = [UNKNOWN if UNKNOWN in parts else sep.join(parts) for parts in zip(*arrs, strict=True)]
     return np.asarray(out, dtype=object)
 
 

@@ -79,7 +79,7 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int = 64, ch
     ids, mask = enc["input_ids"], enc["attention_mask"]
     unk = tokenizer.unk_token_id
     if check_unk and unk is not None and bool((ids == unk).any()):
-        bad = [p for p, row in zip(prompts, ids) if bool((row == unk).any())]
+        bad = [p for p, row in zip(prompts, ids, strict=True) if bool((row == unk).any())]
         raise ValueError(
             f"prompts {bad} contain words the text encoder's vocabulary does not cover ([UNK]); "
             "reword the prompts (networks prompts=...) or use a text encoder whose vocabulary covers them"

@@ -7,6 +7,7 @@
 
 Each benchmark lives in ``bundle/benchmarks/<name>.py`` and exposes ``run(quick: bool) -> dict``.
 """
+
 import argparse
 import importlib
 import json
@@ -18,6 +19,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bundle.benchmarks  # noqa: E402
+from bundle.utils.atomic import write_json_atomic  # noqa: E402
 
 
 def available():
@@ -47,11 +49,7 @@ def main(argv=None):
         results[name] = res
         print(json.dumps(res, indent=2), flush=True)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(tmp, args.out)
+        write_json_atomic(args.out, results, indent=2)
     return 0
 
 

@@ -46,7 +46,9 @@ def run_bundle_command(args, cwd=ROOT, env=None, timeout=600) -> subprocess.Comp
     if not env.get("MLFLOW_TRACKING_URI"):
         env.pop("MLFLOW_TRACKING_URI", None)
     p = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"command failed ({p.returncode}): {' '.join(map(str, args))}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+    assert (
+        p.returncode == 0
+    ), f"command failed ({p.returncode}): {' '.join(map(str, args))}\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p
 
 

@@ -1,4 +1,7 @@
 """The paper's knobs: nested alignment subsets, patient-level data ratio, random-alignment masks."""
+
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +21,7 @@ def test_alignment_subsets_are_nested_and_sized():
     recs = _records()
     sets = [_selected(prepare_training_records(recs, alignment_fraction=p, seed=3)) for p in (0, 0.25, 0.5, 0.75, 1)]
     assert [len(s) for s in sets] == [0, 50, 100, 150, 200]
-    for small, big in zip(sets, sets[1:]):
+    for small, big in itertools.pairwise(sets):
         assert small <= big
     # another seed draws another subset of the same size
     other = _selected(prepare_training_records(recs, alignment_fraction=0.5, seed=4))
@@ -65,8 +68,11 @@ def test_random_attention_changes_every_call_and_keeps_area():
     mask = np.zeros((3, 64, 64), np.float32)
     mask[0, 10:20, 10:20] = 1
     mask[2, 30:50, 30:40] = 1
-    d = {"attn_mask": torch.tensor(mask), "align": torch.tensor([1.0, 0.0, 0.0]),
-         "letterbox": np.array([1.0, 8, 0, 48, 64], np.float32)}
+    d = {
+        "attn_mask": torch.tensor(mask),
+        "align": torch.tensor([1.0, 0.0, 0.0]),
+        "letterbox": np.array([1.0, 8, 0, 48, 64], np.float32),
+    }
     t = RandomAttentiond()
     t.set_random_state(0)
     outs = [t(d)["attn_mask"] for _ in range(3)]  # one call per epoch

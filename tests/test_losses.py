@@ -105,9 +105,11 @@ def test_alignment_loss_false_positive_weight():
     for w in (1.0, 2.0, 4.0):
         fn = AlignmentLoss(w_fp=w)
         assert fn(spill, y, sel) > fn(tight, y, sel)
-    assert AlignmentLoss(w_fp=4.0)(spill, y, sel) > AlignmentLoss(w_fp=2.0)(spill, y, sel) > AlignmentLoss(
-        w_fp=1.0
-    )(spill, y, sel)
+    assert (
+        AlignmentLoss(w_fp=4.0)(spill, y, sel)
+        > AlignmentLoss(w_fp=2.0)(spill, y, sel)
+        > AlignmentLoss(w_fp=1.0)(spill, y, sel)
+    )
     # a perfect map reaches 0 with alpha smoothing
     assert AlignmentLoss()(tight, y, sel).item() == pytest.approx(0.0, abs=1e-6)
 

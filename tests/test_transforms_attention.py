@@ -1,4 +1,5 @@
 """Attention rasterising lands where the image content is, for every entry type, after resize and pad."""
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,8 +8,15 @@ from scipy.ndimage import binary_dilation
 from skimage.draw import ellipse as sk_ellipse
 from skimage.draw import polygon as sk_polygon
 
-from bundle.transforms import (AttentionError, CXRIntensityd, Letterboxd, LoadCXRd, RasterizeAttentiond,
-                               letterbox_params, rasterize_attention)
+from bundle.transforms import (
+    AttentionError,
+    CXRIntensityd,
+    Letterboxd,
+    LoadCXRd,
+    RasterizeAttentiond,
+    letterbox_params,
+    rasterize_attention,
+)
 from bundle.utils.dicom import make_dataset, write
 
 H, W, S = 300, 200, 64  # non-square native image, letterboxed to 64 x 64 (scale 0.2133, pad_left 10)
@@ -26,8 +34,12 @@ def _native_shape(typ):
         return m, {"type": typ, "coords": [240, 120, 120, 160], "frame": [2 * W, 2 * H]}
     if typ == "bbox_normalized":
         m[30:90, 50:150] = True
-        return m, {"type": "bbox_xyxy", "coords": [50 / W, 30 / H, 150 / W, 90 / H], "frame": [W, H],
-                   "normalized": True}
+        return m, {
+            "type": "bbox_xyxy",
+            "coords": [50 / W, 30 / H, 150 / W, 90 / H],
+            "frame": [W, H],
+            "normalized": True,
+        }
     if typ == "ellipse_bbox":
         rr, cc = sk_ellipse((120 + 220) / 2 - 0.5, (30 + 150) / 2 - 0.5, 50, 60, shape=(H, W))
         m[rr, cc] = True
@@ -50,8 +62,12 @@ def _native_shape(typ):
 
 
 def _pipeline(d, size=S, target_size=None):
-    for t in (LoadCXRd(target_size=target_size), Letterboxd(size=size), CXRIntensityd(lower=0, upper=100),
-              RasterizeAttentiond(CLASSES, size)):
+    for t in (
+        LoadCXRd(target_size=target_size),
+        Letterboxd(size=size),
+        CXRIntensityd(lower=0, upper=100),
+        RasterizeAttentiond(CLASSES, size),
+    ):
         d = t(d)
     return d
 
@@ -65,8 +81,9 @@ def _assert_within_one_pixel(mask, image_bright):
     assert iou > 0.8, iou
 
 
-@pytest.mark.parametrize("typ", ["bbox_xyxy", "bbox_xywh", "bbox_normalized", "ellipse_bbox", "polygon",
-                                 "point_radius", "rle"])
+@pytest.mark.parametrize(
+    "typ", ["bbox_xyxy", "bbox_xywh", "bbox_normalized", "ellipse_bbox", "polygon", "point_radius", "rle"]
+)
 @pytest.mark.parametrize("target_size", [None, S])
 def test_shape_lands_on_image_content(tmp_path, typ, target_size):
     shape, entry = _native_shape(typ)
@@ -90,7 +107,8 @@ def test_mask_file_png_and_npy(tmp_path):
     for name in ("m.png", "m.npy"):
         d = {"image": str(tmp_path / "cxr.png"), "attention": [{"class": "edema", "type": "mask", "path": name}]}
         d = RasterizeAttentiond(CLASSES, S, base_dir=tmp_path)(
-            CXRIntensityd(lower=0, upper=100)(Letterboxd(size=S)(LoadCXRd()(d))))
+            CXRIntensityd(lower=0, upper=100)(Letterboxd(size=S)(LoadCXRd()(d)))
+        )
         _assert_within_one_pixel(d["attn_mask"][2] > 0, np.asarray(d["image"])[0] > 0.5)
 
 
@@ -98,16 +116,17 @@ def test_dicom_frame_in_native_pixels(tmp_path):
     """VinDr style: boxes in DICOM pixels, image loaded from the DICOM (MONOCHROME1, windowed)."""
     shape, entry = _native_shape("bbox_xyxy")
     stored = np.where(shape, 200, 3800).astype(np.uint16)  # MONOCHROME1: the bright-on-display box is stored low
-    p = write(make_dataset(stored, photometric="MONOCHROME1", bits_stored=12, window=(2000, 4000)),
-              tmp_path / "a.dcm")
+    p = write(make_dataset(stored, photometric="MONOCHROME1", bits_stored=12, window=(2000, 4000)), tmp_path / "a.dcm")
     entry["class"] = "nodule_mass"
     d = _pipeline({"image": p, "attention": [entry]})
     _assert_within_one_pixel(d["attn_mask"][0] > 0, np.asarray(d["image"])[0] > 0.5)
 
 
 def test_union_per_class_and_no_attention():
-    entries = [{"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 50, 50], "frame": [200, 300]},
-               {"class": "edema", "type": "bbox_xyxy", "coords": [100, 200, 150, 250], "frame": [200, 300]}]
+    entries = [
+        {"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 50, 50], "frame": [200, 300]},
+        {"class": "edema", "type": "bbox_xyxy", "coords": [100, 200, 150, 250], "frame": [200, 300]},
+    ]
     mask, avail = rasterize_attention(entries, CLASSES, (300, 200), letterbox_params(300, 200, 64), 64)
     one, _ = rasterize_attention(entries[:1], CLASSES, (300, 200), None, 64)
     assert mask[2].sum() > one[2].sum() > 0 and (mask[2] >= one[2]).all()
@@ -120,26 +139,36 @@ def test_union_per_class_and_no_attention():
 
 def test_tiny_shapes_keep_a_pixel():
     lb = letterbox_params(2048, 2048, 64)
-    for e in ({"type": "bbox_xywh", "coords": [1000, 1000, 4, 4]}, {"type": "point_radius", "coords": [1000, 1000, 2]},
-              {"type": "ellipse_bbox", "coords": [1000, 1000, 1003, 1003]},
-              {"type": "polygon", "coords": [[1000, 1000], [1003, 1000], [1001, 1003]]}):
+    for e in (
+        {"type": "bbox_xywh", "coords": [1000, 1000, 4, 4]},
+        {"type": "point_radius", "coords": [1000, 1000, 2]},
+        {"type": "ellipse_bbox", "coords": [1000, 1000, 1003, 1003]},
+        {"type": "polygon", "coords": [[1000, 1000], [1003, 1000], [1001, 1003]]},
+    ):
         e.update({"class": "nodule_mass", "frame": [2048, 2048]})
         mask, _ = rasterize_attention([e], CLASSES, (2048, 2048), lb, 64)
         assert mask[0].sum() == 1 and mask[0, 31, 31] == 1, e["type"]
 
 
-@pytest.mark.parametrize("entry,words", [
-    ({"class": "cardiomegaly", "type": "bbox_xyxy", "coords": [0, 0, 1, 1]}, ["unknown class", "cardiomegaly"]),
-    ({"class": "edema", "type": "circle", "coords": [0, 0, 1]}, ["unknown type", "circle"]),
-    ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1], "frame": [200, 300]}, ["4 numbers"]),
-    ({"class": "edema", "type": "polygon", "coords": [[0, 0], [1, 1]], "frame": [200, 300]}, ["3 points"]),
-    ({"class": "edema", "type": "bbox_xywh", "coords": [0, 0, 5, 5]}, ["attention[0].frame", "missing", '"frame"']),
-    ({"class": "edema", "type": "mask", "path": "nope.png"}, ["does not exist"]),
-    ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1, 1], "frame": [0, 10]}, ["frame"]),
-])
+@pytest.mark.parametrize(
+    "entry,words",
+    [
+        ({"class": "cardiomegaly", "type": "bbox_xyxy", "coords": [0, 0, 1, 1]}, ["unknown class", "cardiomegaly"]),
+        ({"class": "edema", "type": "circle", "coords": [0, 0, 1]}, ["unknown type", "circle"]),
+        ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1], "frame": [200, 300]}, ["4 numbers"]),
+        ({"class": "edema", "type": "polygon", "coords": [[0, 0], [1, 1]], "frame": [200, 300]}, ["3 points"]),
+        ({"class": "edema", "type": "bbox_xywh", "coords": [0, 0, 5, 5]}, ["attention[0].frame", "missing", '"frame"']),
+        ({"class": "edema", "type": "mask", "path": "nope.png"}, ["does not exist"]),
+        ({"class": "edema", "type": "bbox_xyxy", "coords": [0, 0, 1, 1], "frame": [0, 10]}, ["frame"]),
+    ],
+)
 def test_bad_entries_name_the_image(entry, words):
-    d = {"image": "/data/cxr_0007.png", "attention": [entry], "orig_size": [300, 200],
-         "letterbox": letterbox_params(300, 200, 64)}
+    d = {
+        "image": "/data/cxr_0007.png",
+        "attention": [entry],
+        "orig_size": [300, 200],
+        "letterbox": letterbox_params(300, 200, 64),
+    }
     with pytest.raises(AttentionError) as e:
         RasterizeAttentiond(CLASSES, 64)(d)
     msg = str(e.value)
@@ -148,16 +177,27 @@ def test_bad_entries_name_the_image(entry, words):
         assert w in msg, msg
 
 
-@pytest.mark.parametrize("typ,coords", [("bbox_xywh", [1, 2, 30, 40]), ("bbox_xyxy", [1, 2, 30, 40]),
-                                        ("ellipse_bbox", [1, 2, 30, 40]), ("polygon", [[1, 2], [30, 2], [15, 40]]),
-                                        ("point_radius", [50, 40, 12])])
+@pytest.mark.parametrize(
+    "typ,coords",
+    [
+        ("bbox_xywh", [1, 2, 30, 40]),
+        ("bbox_xyxy", [1, 2, 30, 40]),
+        ("ellipse_bbox", [1, 2, 30, 40]),
+        ("polygon", [[1, 2], [30, 2], [15, 40]]),
+        ("point_radius", [50, 40, 12]),
+    ],
+)
 def test_pixel_coords_without_frame_are_rejected_like_the_validator(typ, coords):
     """The rasteriser never guesses a frame: same rule, message and fix as bundle.data.datalist.validate."""
     from bundle.data import datalist as dl
 
     entry = {"class": "edema", "type": typ, "coords": coords}
-    d = {"image": "/data/cxr_0007.png", "attention": [entry], "orig_size": [H, W],
-         "letterbox": letterbox_params(H, W, S)}
+    d = {
+        "image": "/data/cxr_0007.png",
+        "attention": [entry],
+        "orig_size": [H, W],
+        "letterbox": letterbox_params(H, W, S),
+    }
     with pytest.raises(AttentionError) as e:
         RasterizeAttentiond(CLASSES, S)(d)
     rec = {"image": "a.png", "label": [0, 0, 1], "sex": "F", "age": 50, "attention": [entry]}
@@ -177,8 +217,10 @@ def test_rle_and_mask_need_no_frame(tmp_path):
     m[100:200, 50:150] = True
     Image.fromarray(m.astype(np.uint8) * 255).save(tmp_path / "m.png")
     rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
-    entries = [{"class": "edema", "type": "rle", "coords": {"size": [H, W], "counts": rle["counts"].decode()}},
-               {"class": "nodule_mass", "type": "mask", "path": "m.png"}]
+    entries = [
+        {"class": "edema", "type": "rle", "coords": {"size": [H, W], "counts": rle["counts"].decode()}},
+        {"class": "nodule_mass", "type": "mask", "path": "m.png"},
+    ]
     mask, avail = rasterize_attention(entries, CLASSES, (H, W), letterbox_params(H, W, S), S, base_dir=tmp_path)
     assert avail.tolist() == [1, 0, 1] and np.array_equal(mask[0], mask[2]) and mask[2].sum() > 0
 
@@ -188,5 +230,6 @@ def test_size_mismatch_and_missing_letterbox_are_errors():
     with pytest.raises(AttentionError, match="Letterboxd"):
         RasterizeAttentiond(CLASSES, 64)({"image": "a.png", "attention": e, "orig_size": [30, 20]})
     with pytest.raises(AttentionError, match="same size"):
-        RasterizeAttentiond(CLASSES, 64)({"image": "a.png", "attention": e, "orig_size": [30, 20],
-                                          "letterbox": letterbox_params(30, 20, 128)})
+        RasterizeAttentiond(CLASSES, 64)(
+            {"image": "a.png", "attention": e, "orig_size": [30, 20], "letterbox": letterbox_params(30, 20, 128)}
+        )

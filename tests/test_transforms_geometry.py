@@ -1,4 +1,5 @@
 """Letterbox geometry, intensity scaling and joint augmentation."""
+
 import pickle
 
 import numpy as np
@@ -7,8 +8,15 @@ import torch
 from monai.transforms import Resize, SpatialPad
 from PIL import Image
 
-from bundle.transforms import (CXRIntensityd, JointAugmentd, Letterboxd, LoadCXRd, letterbox_params,
-                               letterbox_points, unletterbox_points)
+from bundle.transforms import (
+    CXRIntensityd,
+    JointAugmentd,
+    Letterboxd,
+    LoadCXRd,
+    letterbox_params,
+    letterbox_points,
+    unletterbox_points,
+)
 
 
 def test_letterbox_params_even_split_extra_pixel_at_end():
@@ -44,10 +52,10 @@ def test_letterboxd_matches_monai_resize_longest_plus_symmetric_pad(hw):
 
 def test_letterbox_puts_content_where_points_say(tmp_path):
     """A bright pixel block at native (x, y) lands at letterbox_points((x, y)) within a pixel."""
-    h, w, S = 300, 200, 60
+    h, w, side = 300, 200, 60
     img = np.zeros((1, h, w), np.float32)
     img[0, 150:160, 40:50] = 1  # centre (45, 155)
-    d = Letterboxd(size=S)({"image": torch.from_numpy(img)})
+    d = Letterboxd(size=side)({"image": torch.from_numpy(img)})
     out = np.asarray(d["image"])[0]
     cy, cx = np.argwhere(out > 0.2).mean(axis=0) + 0.5
     ex, ey = letterbox_points([45, 155], d["letterbox"])
@@ -56,19 +64,18 @@ def test_letterbox_puts_content_where_points_say(tmp_path):
 
 
 def test_letterboxd_uses_native_orig_size_for_prereduced_images(tmp_path):
-    h, w, S = 400, 240, 64
+    h, w, side = 400, 240, 64
     rng = np.random.default_rng(1)
-    smooth = np.asarray(Image.fromarray((rng.random((20, 12)) * 255).astype(np.uint8)).resize((w, h),
-                                                                                              Image.BILINEAR))
+    smooth = np.asarray(Image.fromarray((rng.random((20, 12)) * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR))
     Image.fromarray(smooth).save(tmp_path / "a.png")
-    full = Letterboxd(size=S)(LoadCXRd()({"image": str(tmp_path / "a.png")}))
-    fast = Letterboxd(size=S)(LoadCXRd(target_size=S)({"image": str(tmp_path / "a.png")}))
+    full = Letterboxd(size=side)(LoadCXRd()({"image": str(tmp_path / "a.png")}))
+    fast = Letterboxd(size=side)(LoadCXRd(target_size=side)({"image": str(tmp_path / "a.png")}))
     np.testing.assert_array_equal(full["letterbox"], fast["letterbox"])
     # PIL's exact area (loader) vs torch adaptive pooling (MONAI "area") differ slightly at non-integer factors
     err = np.abs(np.asarray(full["image"]) - np.asarray(fast["image"]))
     assert err.mean() < 0.005 and err.max() < 0.06
     with pytest.raises(ValueError, match="orig_size"):
-        Letterboxd(size=S)({"image": torch.zeros(1, 40, 40), "orig_size": [400, 240]})
+        Letterboxd(size=side)({"image": torch.zeros(1, 40, 40), "orig_size": [400, 240]})
 
 
 def test_cxr_intensity_ignores_padding_and_standardises():
@@ -77,7 +84,7 @@ def test_cxr_intensity_ignores_padding_and_standardises():
     d = Letterboxd(size=64)({"image": img})
     out = CXRIntensityd(lower=1, upper=99)(d)["image"]
     lb = d["letterbox"]
-    content = np.asarray(out)[0, :, int(lb[2]):int(lb[2]) + 32]
+    content = np.asarray(out)[0, :, int(lb[2]) : int(lb[2]) + 32]
     assert content.min() == 0 and content.max() == 1  # stretched by the content's own percentiles
     assert np.asarray(out)[0, :, 0].max() == 0  # padding stays black
     assert np.percentile(content, 50) == pytest.approx(0.5, abs=0.1)
@@ -88,10 +95,10 @@ def test_cxr_intensity_ignores_padding_and_standardises():
 
 
 # ------------------------------------------------------------------------------------------ augmentation
-def _square_sample(S=64):
-    img = np.full((1, S, S), 0.2, np.float32)
+def _square_sample(side=64):
+    img = np.full((1, side, side), 0.2, np.float32)
     img[0, 20:36, 12:28] = 1.0
-    mask = np.zeros((2, S, S), np.float32)
+    mask = np.zeros((2, side, side), np.float32)
     mask[1, 20:36, 12:28] = 1.0
     return {"image": torch.from_numpy(img), "attn_mask": mask}
 
@@ -123,6 +130,6 @@ def test_joint_augment_flip_off_by_default_and_together_when_on():
     assert JointAugmentd().flip_prob == 0.0
     d = JointAugmentd(prob=0.0, flip_prob=1.0, intensity=0.0)(_square_sample())
     img, m = np.asarray(d["image"])[0], np.asarray(d["attn_mask"])[1]
-    assert img[20:36, 64 - 28:64 - 12].min() == 1.0 and m[20:36, 64 - 28:64 - 12].min() == 1.0
+    assert img[20:36, 64 - 28 : 64 - 12].min() == 1.0 and m[20:36, 64 - 28 : 64 - 12].min() == 1.0
     # no mask in the record (inference): fine
     assert "attn_mask" not in JointAugmentd(prob=1.0)({"image": _square_sample()["image"]})

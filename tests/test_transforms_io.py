@@ -1,4 +1,5 @@
 """load_cxr / LoadCXRd: DICOM LUTs, photometric conventions, compressed syntaxes, PNG/JPEG variants, bad inputs."""
+
 import io
 import os
 
@@ -10,8 +11,9 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 
-from bundle.transforms import CXRLoadError, LoadCXRd, content_size, load_cxr, parse_dicom_age
+from bundle.transforms import CXRLoadError, LoadCXRd, content_size
 from bundle.transforms import io as cxr_io
+from bundle.transforms import load_cxr, parse_dicom_age
 from bundle.utils.dicom import lung_masks, make_dataset, phantom, write
 
 H, W = 64, 48
@@ -19,7 +21,7 @@ H, W = 64, 48
 
 def _stored(bits=12, mono1=False, seed=0, h=H, w=W):
     att = phantom(h, w, seed=seed)
-    top = 2 ** bits - 1
+    top = 2**bits - 1
     s = np.round(att * top).astype(np.uint8 if bits <= 8 else np.uint16)
     return (top - s).astype(s.dtype) if mono1 else s
 
@@ -40,8 +42,18 @@ def _reference(ds):
 
 
 # ---------------------------------------------------------------------------------------------- metadata
-@pytest.mark.parametrize("s,years", [("045Y", 45.0), ("006M", 0.5), ("010W", 70 / 365.25), ("003D", 3 / 365.25),
-                                     ("45", 45.0), (" 045y ", 45.0), (57, 57.0)])
+@pytest.mark.parametrize(
+    "s,years",
+    [
+        ("045Y", 45.0),
+        ("006M", 0.5),
+        ("010W", 70 / 365.25),
+        ("003D", 3 / 365.25),
+        ("45", 45.0),
+        (" 045y ", 45.0),
+        (57, 57.0),
+    ],
+)
 def test_parse_dicom_age(s, years):
     assert parse_dicom_age(s) == pytest.approx(years)
 
@@ -63,8 +75,9 @@ def test_meta_from_dicom(tmp_path):
     assert meta["sex"] == "M" and meta["age"] == pytest.approx(0.5) and meta["view"] == "AP"
     assert meta["modality"] == "DX" and meta["photometric"] == "MONOCHROME2"
     assert meta["orig_size"] == (H, W) and meta["pixel_spacing"] == [0.2, 0.2]
-    _, meta = load_cxr(write(make_dataset(_stored(), sex="O", age=None, view=None), tmp_path / "b.dcm"),
-                       return_meta=True)
+    _, meta = load_cxr(
+        write(make_dataset(_stored(), sex="O", age=None, view=None), tmp_path / "b.dcm"), return_meta=True
+    )
     assert meta["sex"] is None and meta["age"] is None and meta["view"] is None
 
 
@@ -84,8 +97,9 @@ def test_monochrome1_lungs_dark(tmp_path):
 def test_monochrome1_with_window_lungs_dark(tmp_path):
     s1 = _stored(mono1=True)
     lung, med = lung_masks(H, W)
-    img = load_cxr(write(make_dataset(s1, photometric="MONOCHROME1", bits_stored=12, window=(2048, 4096)),
-                         tmp_path / "m1w.dcm"))
+    img = load_cxr(
+        write(make_dataset(s1, photometric="MONOCHROME1", bits_stored=12, window=(2048, 4096)), tmp_path / "m1w.dcm")
+    )
     assert img[lung].mean() < img[med].mean() - 0.3
 
 
@@ -119,8 +133,9 @@ def test_rescale_slope_intercept(tmp_path):
     s = _stored()
     plain = load_cxr(write(make_dataset(s, bits_stored=12, window=(1500, 1000)), tmp_path / "p.dcm"))
     # same window expressed in rescaled units
-    resc = load_cxr(write(make_dataset(s, bits_stored=12, rescale=(2.0, -1000.0), window=(2000, 2000)),
-                          tmp_path / "r.dcm"))
+    resc = load_cxr(
+        write(make_dataset(s, bits_stored=12, rescale=(2.0, -1000.0), window=(2000, 2000)), tmp_path / "r.dcm")
+    )
     np.testing.assert_allclose(resc, plain, atol=1e-5)
     # negative slope (inverted data) without a window: min-max keeps the orientation of the rescaled values
     neg = load_cxr(write(make_dataset(s, bits_stored=12, rescale=(-1.0, 4095.0)), tmp_path / "n.dcm"))
@@ -145,21 +160,26 @@ def test_presentation_lut_shape_inverse(tmp_path):
     inv = load_cxr(write(make_dataset(s, bits_stored=12, presentation_shape="INVERSE"), tmp_path / "b.dcm"))
     np.testing.assert_allclose(inv, 1 - plain, atol=1e-6)
     # DX: MONOCHROME1 comes with INVERSE; both describe ONE inversion
-    m1 = load_cxr(write(make_dataset(_stored(mono1=True), photometric="MONOCHROME1", bits_stored=12,
-                                     presentation_shape="INVERSE"), tmp_path / "c.dcm"))
+    m1 = load_cxr(
+        write(
+            make_dataset(_stored(mono1=True), photometric="MONOCHROME1", bits_stored=12, presentation_shape="INVERSE"),
+            tmp_path / "c.dcm",
+        )
+    )
     np.testing.assert_allclose(m1, plain, atol=1e-6)
 
 
-@pytest.mark.parametrize("bits,dtype,signed", [(8, np.uint8, False), (12, np.uint16, False), (16, np.uint16, False),
-                                               (16, np.int16, True)])
+@pytest.mark.parametrize(
+    "bits,dtype,signed", [(8, np.uint8, False), (12, np.uint16, False), (16, np.uint16, False), (16, np.int16, True)]
+)
 def test_bit_depths_match_per_pixel_pydicom(tmp_path, bits, dtype, signed):
     att = phantom(H, W)
     if signed:
         s = np.round(att * 60000 - 30000).astype(np.int16)
         ds = make_dataset(s, bits_stored=16, rescale=(1.0, 30000.0), window=(30000, 50000))
     else:
-        s = np.round(att * (2 ** bits - 1)).astype(dtype)
-        ds = make_dataset(s, bits_stored=bits, window=(2 ** (bits - 1), 2 ** bits * 0.8))
+        s = np.round(att * (2**bits - 1)).astype(dtype)
+        ds = make_dataset(s, bits_stored=bits, window=(2 ** (bits - 1), 2**bits * 0.8))
     p = write(ds, tmp_path / "x.dcm")
     img = load_cxr(p)
     np.testing.assert_allclose(img, _reference(pydicom.dcmread(p)), atol=1e-6)
@@ -177,9 +197,12 @@ def test_no_voi_min_max(tmp_path):
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless, RLELossless])
 @pytest.mark.parametrize("bits,mono1", [(8, False), (12, True), (16, False)])
 def test_compressed_equals_uncompressed(tmp_path, syntax, bits, mono1):
-    ds = make_dataset(_stored(bits=bits, mono1=mono1), bits_stored=bits,
-                      photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
-                      window=None if bits == 8 else (2 ** (bits - 1), 2 ** bits * 0.7))
+    ds = make_dataset(
+        _stored(bits=bits, mono1=mono1),
+        bits_stored=bits,
+        photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
+        window=None if bits == 8 else (2 ** (bits - 1), 2**bits * 0.7),
+    )
     raw = load_cxr(write(ds, tmp_path / "raw.dcm"))
     p = write(ds, tmp_path / "c.dcm", transfer_syntax=syntax)
     assert pydicom.dcmread(p).file_meta.TransferSyntaxUID == syntax
@@ -194,14 +217,14 @@ def test_rle_signed_equals_uncompressed(tmp_path):
 
 
 def test_j2k_reduced_resolution_decode_matches_full(tmp_path):
-    h, w, S = 512, 384, 64
+    h, w, side = 512, 384, 64
     s = _stored(bits=12, mono1=True, h=h, w=w)
     ds = make_dataset(s, photometric="MONOCHROME1", bits_stored=12, window=(2048, 4000))
     p = write(ds, tmp_path / "j.dcm", transfer_syntax=JPEG2000Lossless)
-    reduced = cxr_io._decode_j2k_reduced(pydicom.dcmread(p), S)
+    reduced = cxr_io._decode_j2k_reduced(pydicom.dcmread(p), side)
     assert reduced is not None and reduced[0].shape == (h // 8, w // 8)  # the fast path is really taken
-    fast, meta = load_cxr(p, return_meta=True, target_size=S)
-    assert fast.shape == content_size(h, w, S) == (64, 48) and meta["orig_size"] == (h, w)
+    fast, meta = load_cxr(p, return_meta=True, target_size=side)
+    assert fast.shape == content_size(h, w, side) == (64, 48) and meta["orig_size"] == (h, w)
     full = cxr_io._resize_area(load_cxr(p), (64, 48))
     # sharp phantom edges differ by the filter shape (wavelet low-pass vs box); the rest agrees closely
     err = np.abs(fast - full)
@@ -305,7 +328,7 @@ def test_non_radiograph_refused(tmp_path, modality):
     p = write(make_dataset(_stored(), modality=modality), tmp_path / "ct.dcm")
     with pytest.raises(CXRLoadError) as e:
         load_cxr(p)
-    _assert_clear(e, p, f"'{modality}'", "radiograph")
+    _assert_clear(e, p, repr(modality), "radiograph")
 
 
 @pytest.mark.parametrize("modality", ["CR", "DX", "DR", "RG", "OT", None])

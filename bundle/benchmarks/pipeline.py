@@ -9,6 +9,7 @@ Files: chest-like 12-bit MONOCHROME1 phantoms with rescale and window tags, writ
 lossless, JPEG-LS lossless and RLE lossless (the syntaxes of VinDr/PACS exports).
 Also reported: how far the fast (target_size) result is from the full-resolution load followed by area resize.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,37 +40,32 @@ def _phantom(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def _write_files(d: str, h: int, w: int, n: int) -> dict[str, list[str]]:
-    import copy
+    from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, JPEG2000Lossless,
-                             JPEGLSLossless, RLELossless, generate_uid)
+    from bundle.utils.dicom import make_dataset, write
 
-    syntaxes = {"uncompressed": None, "jpeg2000_lossless": JPEG2000Lossless, "jpegls_lossless": JPEGLSLossless,
-                "rle_lossless": RLELossless}
+    syntaxes = {
+        "uncompressed": None,
+        "jpeg2000_lossless": JPEG2000Lossless,
+        "jpegls_lossless": JPEGLSLossless,
+        "rle_lossless": RLELossless,
+    }
     files: dict[str, list[str]] = {k: [] for k in syntaxes}
     for i in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientSex, ds.PatientAge, ds.ViewPosition = "DX", "F", "061Y", "PA"
-        ds.Rows, ds.Columns, ds.SamplesPerPixel = h, w, 1
-        ds.PhotometricInterpretation = "MONOCHROME1"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1.0, 0.0
-        ds.WindowCenter, ds.WindowWidth = [2048.0, 1800.0], [4096.0, 2500.0]
-        ds.PixelData = _phantom(h, w, i).tobytes()
+        ds = make_dataset(
+            _phantom(h, w, i),
+            photometric="MONOCHROME1",
+            bits_stored=12,
+            rescale=(1.0, 0.0),
+            window=([2048.0, 1800.0], [4096.0, 2500.0]),
+            sex="F",
+            age="061Y",
+            patient_id=None,
+            pixel_spacing=None,
+        )
         for name, ts in syntaxes.items():
-            out = copy.deepcopy(ds)
-            if ts is not None:
-                out.compress(ts, encoding_plugin="pylibjpeg" if ts != JPEGLSLossless else "pyjpegls")
-            p = os.path.join(d, f"{name}_{i}.dcm")
-            out.save_as(p, enforce_file_format=True)
-            files[name].append(p)
+            plugin = "" if ts is None else "pyjpegls" if ts == JPEGLSLossless else "pylibjpeg"
+            files[name].append(write(ds, os.path.join(d, f"{name}_{i}.dcm"), ts, encoding_plugin=plugin))
     return files
 
 
@@ -111,24 +107,33 @@ def _run(quick: bool) -> dict:
             d = t(d)
         return d
 
-    results: dict = {"image_size": [h, w], "target_size": size, "files_per_syntax": n, "repeats": reps,
-                     "torch_threads": 1,
-                     "baseline": "pydicom dcmread+pixel_array+apply_modality_lut+apply_voi_lut + PIL bilinear resize",
-                     "per_syntax": {}}
+    results: dict = {
+        "image_size": [h, w],
+        "target_size": size,
+        "files_per_syntax": n,
+        "repeats": reps,
+        "torch_threads": 1,
+        "baseline": "pydicom dcmread+pixel_array+apply_modality_lut+apply_voi_lut + PIL bilinear resize",
+        "per_syntax": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         files = _write_files(tmp, h, w, n)
         results["write_s"] = round(time.perf_counter() - t0, 2)
-        _baseline(files["uncompressed"][0], size), load_cxr(files["uncompressed"][0], target_size=size)  # warm-up
+        _baseline(files["uncompressed"][0], size)  # warm-up
+        load_cxr(files["uncompressed"][0], target_size=size)
         tot_base = tot_ours = tot_chain = 0.0
         for name, paths in files.items():
             tb, to, tc = [], [], []
             for p in paths:
                 times: dict[str, list[float]] = {"base": [], "ours": [], "chain": []}
-                fns = [("base", lambda: _baseline(p, size)), ("ours", lambda: load_cxr(p, target_size=size)),
-                       ("chain", lambda: run_chain(p))]
+                fns = [
+                    ("base", lambda: _baseline(p, size)),
+                    ("ours", lambda: load_cxr(p, target_size=size)),
+                    ("chain", lambda: run_chain(p)),
+                ]
                 for r in range(reps):  # interleaved, order rotated each repeat: no method always runs first
-                    for key, fn in fns[r % 3:] + fns[:r % 3]:
+                    for key, fn in fns[r % 3 :] + fns[: r % 3]:
                         t = time.perf_counter()
                         fn()
                         times[key].append(time.perf_counter() - t)
@@ -142,10 +147,15 @@ def _run(quick: bool) -> dict:
             b, o, c = sum(tb), sum(to), sum(tc)
             tot_base, tot_ours, tot_chain = tot_base + b, tot_ours + o, tot_chain + c
             results["per_syntax"][name] = {
-                "baseline_ms_per_image": round(1e3 * b / n, 1), "ours_ms_per_image": round(1e3 * o / n, 1),
-                "chain_ms_per_image": round(1e3 * c / n, 1), "ratio": round(b / o, 2), "ratio_chain": round(b / c, 2),
-                "fast_vs_full_mean_abs": float(round(err.mean(), 5)), "fast_vs_full_p99_abs":
-                    float(round(np.percentile(err, 99), 4)), "file_mb": round(os.path.getsize(paths[0]) / 2 ** 20, 2)}
+                "baseline_ms_per_image": round(1e3 * b / n, 1),
+                "ours_ms_per_image": round(1e3 * o / n, 1),
+                "chain_ms_per_image": round(1e3 * c / n, 1),
+                "ratio": round(b / o, 2),
+                "ratio_chain": round(b / c, 2),
+                "fast_vs_full_mean_abs": float(round(err.mean(), 5)),
+                "fast_vs_full_p99_abs": float(round(np.percentile(err, 99), 4)),
+                "file_mb": round(os.path.getsize(paths[0]) / 2**20, 2),
+            }
         results["ratio"] = round(tot_base / tot_ours, 2)
         results["ratio_chain"] = round(tot_base / tot_chain, 2)
         results["ratio_min_syntax"] = min(v["ratio"] for v in results["per_syntax"].values())

@@ -8,6 +8,7 @@ still mark the pixel holding their centre, so tiny nodules do not vanish at low 
 Raster inputs (rle, mask) are decoded at native size and area-resized with the image's own content size, then
 thresholded at 0.5.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,11 +73,11 @@ def _draw_box(out, x0, y0, x1, y1) -> None:
     # pixels whose centre (i + 0.5) lies in [v0, v1)
     c0, c1 = math.ceil(x0 - 0.5), math.ceil(x1 - 0.5)
     r0, r1 = math.ceil(y0 - 0.5), math.ceil(y1 - 0.5)
-    S = out.shape[0]
+    side = out.shape[0]
     if c1 <= c0 or r1 <= r0:
         _centre_pixel(out, (x0 + x1) / 2, (y0 + y1) / 2)
         return
-    out[max(r0, 0):max(min(r1, S), 0), max(c0, 0):max(min(c1, out.shape[1]), 0)] = True
+    out[max(r0, 0) : max(min(r1, side), 0), max(c0, 0) : max(min(c1, out.shape[1]), 0)] = True
 
 
 def _draw_ellipse(out, cx, cy, rx, ry) -> None:
@@ -110,7 +111,7 @@ def _place_raster(out, m: np.ndarray, image_hw, lb, size) -> None:
     res = cov >= 0.5
     if not res.any() and cov.max() > 0:  # a lesion smaller than half a final pixel keeps its best-covered pixel
         res.flat[int(np.argmax(cov))] = True
-    out[top:top + nh, left:left + nw] |= res
+    out[top : top + nh, left : left + nw] |= res
 
 
 def _load_mask_file(path: str, base_dir) -> np.ndarray:
@@ -201,8 +202,15 @@ def _check_finite(a) -> None:
         raise ValueError("coordinates must be finite numbers")
 
 
-def rasterize_attention(entries, classes: Sequence[str], image_hw, letterbox=None, size: int | None = None,
-                        base_dir=None, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rasterize_attention(
+    entries,
+    classes: Sequence[str],
+    image_hw,
+    letterbox=None,
+    size: int | None = None,
+    base_dir=None,
+    source: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Rasterise attention entries into float32 masks (C, size, size) in {0, 1} and availability (C,).
 
     Args:
@@ -225,8 +233,10 @@ def rasterize_attention(entries, classes: Sequence[str], image_hw, letterbox=Non
     if size is None:
         size = int(round(lb[0] * max(lb[3], lb[4])))
     if (int(lb[3]), int(lb[4])) != (h, w) or abs(lb[0] * max(h, w) - size) > 1e-3 * size:
-        raise AttentionError(f"{where}: letterbox {lb.tolist()} does not describe a {h}x{w} image letterboxed to "
-                             f"{size}; use the same size in Letterboxd and RasterizeAttentiond")
+        raise AttentionError(
+            f"{where}: letterbox {lb.tolist()} does not describe a {h}x{w} image letterboxed to "
+            f"{size}; use the same size in Letterboxd and RasterizeAttentiond"
+        )
     mask = np.zeros((len(classes), size, size), np.float32)
     avail = np.zeros(len(classes), np.float32)
     for i, e in enumerate(entries or []):
@@ -234,19 +244,26 @@ def rasterize_attention(entries, classes: Sequence[str], image_hw, letterbox=Non
             raise AttentionError(f"{where}: attention[{i}] must be a dict, got {type(e).__name__}")
         cls, typ = e.get("class"), e.get("type")
         if cls not in classes:
-            raise AttentionError(f"{where}: attention[{i}] has unknown class {cls!r}; known classes: {classes}. "
-                                 "Rename it in the datalist or drop the entry")
+            raise AttentionError(
+                f"{where}: attention[{i}] has unknown class {cls!r}; known classes: {classes}. "
+                "Rename it in the datalist or drop the entry"
+            )
         if typ not in ATTENTION_TYPES:
-            raise AttentionError(f"{where}: attention[{i}] ({cls}) has unknown type {typ!r}; "
-                                 f"supported: {list(ATTENTION_TYPES)}")
+            raise AttentionError(
+                f"{where}: attention[{i}] ({cls}) has unknown type {typ!r}; " f"supported: {list(ATTENTION_TYPES)}"
+            )
         if _dl.frame_missing(e):  # same rule and fix as bundle.data.datalist.validate
-            raise AttentionError(f"{where}: attention[{i}].frame ({cls}, {typ}): {_dl.frame_missing_message(typ)} "
-                                 f"-> fix: {_dl.FRAME_FIX}")
+            raise AttentionError(
+                f"{where}: attention[{i}].frame ({cls}, {typ}): {_dl.frame_missing_message(typ)} "
+                f"-> fix: {_dl.FRAME_FIX}"
+            )
         try:
             m = _rasterize_one(e, typ, (h, w), lb, size, base_dir)
         except (ValueError, TypeError, KeyError, IndexError, OSError) as ex:
-            raise AttentionError(f"{where}: attention[{i}] ({cls}, {typ}) could not be rasterised: {ex}. "
-                                 "Fix the entry's coords/frame/path in the datalist") from ex
+            raise AttentionError(
+                f"{where}: attention[{i}] ({cls}, {typ}) could not be rasterised: {ex}. "
+                "Fix the entry's coords/frame/path in the datalist"
+            ) from ex
         c = classes.index(cls)
         mask[c][m] = 1.0
         avail[c] = 1.0
@@ -270,9 +287,16 @@ class RasterizeAttentiond(Transform):
     Masks are numpy arrays (the collate turns them into tensors).
     """
 
-    def __init__(self, classes: Sequence[str], size: int, attention_key: str = "attention",
-                 out_key: str = "attn_mask", avail_key: str = "attn_available", base_dir=None,
-                 image_key: str = "image") -> None:
+    def __init__(
+        self,
+        classes: Sequence[str],
+        size: int,
+        attention_key: str = "attention",
+        out_key: str = "attn_mask",
+        avail_key: str = "attn_available",
+        base_dir=None,
+        image_key: str = "image",
+    ) -> None:
         self.classes = list(classes)
         if not self.classes:
             raise ValueError("RasterizeAttentiond: classes must not be empty")
@@ -288,8 +312,9 @@ class RasterizeAttentiond(Transform):
         lb = d.get("letterbox")
         if lb is None:
             if entries:
-                raise AttentionError(f"{source or 'record'}: no d['letterbox']; put Letterboxd (same size) before "
-                                     "RasterizeAttentiond")
+                raise AttentionError(
+                    f"{source or 'record'}: no d['letterbox']; put Letterboxd (same size) before " "RasterizeAttentiond"
+                )
             d[self.out_key] = np.zeros((len(self.classes), self.size, self.size), np.float32)
             d[self.avail_key] = np.zeros(len(self.classes), np.float32)
             return d
@@ -297,5 +322,6 @@ class RasterizeAttentiond(Transform):
         orig = d.get("orig_size")
         image_hw = (int(lb[3]), int(lb[4])) if orig is None else tuple(int(v) for v in orig)
         d[self.out_key], d[self.avail_key] = rasterize_attention(
-            entries, self.classes, image_hw, lb, self.size, base_dir=self.base_dir, source=source)
+            entries, self.classes, image_hw, lb, self.size, base_dir=self.base_dir, source=source
+        )
         return d

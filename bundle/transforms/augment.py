@@ -4,14 +4,14 @@ Horizontal flip is OFF by default: chest radiographs are not left-right symmetri
 the image's right on a PA view; aortic knob, gastric bubble, liver), and a flipped film is a different, implausible
 anatomy whose laterality a model could otherwise learn to ignore; it would also mix left/right-specific findings.
 """
+
 from __future__ import annotations
 
 import math
 from typing import Any, Hashable, Mapping
 
 import numpy as np
-from monai.transforms import (MapTransform, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised,
-                              Randomizable)
+from monai.transforms import MapTransform, RandAdjustContrastd, RandAffined, RandFlipd, RandGaussianNoised, Randomizable
 from monai.utils import MAX_SEED
 
 __all__ = ["JointAugmentd"]
@@ -34,15 +34,27 @@ class JointAugmentd(Randomizable, MapTransform):
     seeded from this transform's generator. Pickles for DataLoader workers.
     """
 
-    def __init__(self, image_key: str = "image", mask_key: str = "attn_mask", prob: float = 0.5,
-                 rotate_deg: float = 10.0, scale: float = 0.1, translate: float = 0.05, flip_prob: float = 0.0,
-                 intensity: float = 0.2) -> None:
+    def __init__(
+        self,
+        image_key: str = "image",
+        mask_key: str = "attn_mask",
+        prob: float = 0.5,
+        rotate_deg: float = 10.0,
+        scale: float = 0.1,
+        translate: float = 0.05,
+        flip_prob: float = 0.0,
+        intensity: float = 0.2,
+    ) -> None:
         MapTransform.__init__(self, [image_key, mask_key], allow_missing_keys=True)
         for name, v in (("prob", prob), ("flip_prob", flip_prob)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"JointAugmentd: {name} must be in [0, 1], got {v}")
-        for name, v in (("rotate_deg", rotate_deg), ("scale", scale), ("translate", translate),
-                        ("intensity", intensity)):
+        for name, v in (
+            ("rotate_deg", rotate_deg),
+            ("scale", scale),
+            ("translate", translate),
+            ("intensity", intensity),
+        ):
             if v < 0:
                 raise ValueError(f"JointAugmentd: {name} must be >= 0, got {v}")
         if scale >= 1:
@@ -66,10 +78,15 @@ class JointAugmentd(Randomizable, MapTransform):
         aff = self._affines.get(hw)
         if aff is None:
             aff = RandAffined(
-                keys=[self.image_key, self.mask_key], prob=self.prob,
-                rotate_range=(math.radians(self.rotate_deg),), scale_range=(self.scale, self.scale),
+                keys=[self.image_key, self.mask_key],
+                prob=self.prob,
+                rotate_range=(math.radians(self.rotate_deg),),
+                scale_range=(self.scale, self.scale),
                 translate_range=(self.translate * hw[0], self.translate * hw[1]),
-                mode=("bilinear", "nearest"), padding_mode="zeros", allow_missing_keys=True)
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+                allow_missing_keys=True,
+            )
             aff.set_random_state(seed=self._affine_seed)
             self._affines[hw] = aff
         return aff
@@ -92,8 +109,10 @@ class JointAugmentd(Randomizable, MapTransform):
         img = d[self.image_key]
         hw = (int(img.shape[-2]), int(img.shape[-1]))
         if self.mask_key in d and tuple(d[self.mask_key].shape[-2:]) != hw:
-            raise ValueError(f"JointAugmentd: {self.mask_key} shape {tuple(d[self.mask_key].shape)} does not match "
-                             f"{self.image_key} {tuple(img.shape)}; rasterise attention at the image size")
+            raise ValueError(
+                f"JointAugmentd: {self.mask_key} shape {tuple(d[self.mask_key].shape)} does not match "
+                f"{self.image_key} {tuple(img.shape)}; rasterise attention at the image size"
+            )
         d = self._affine(hw)(d)
         d = self._flip(d)
         for t in self._intensity:

@@ -5,6 +5,7 @@ final (x * scale + pad_left, y * scale + pad_top) with scale = S / max(H, W); th
 (round(H * scale), round(W * scale)) (MONAI Resize size_mode="longest" rounding) and padded evenly, the odd pixel
 at the end (MONAI SpatialPad method="symmetric").
 """
+
 from __future__ import annotations
 
 from typing import Any, Hashable, Mapping, Sequence
@@ -51,8 +52,13 @@ class Letterboxd(MapTransform):
     Output: torch MetaTensor (1, size, size) float32; padding value 0 (black).
     """
 
-    def __init__(self, keys: KeysCollection = ("image",), size: int = 224, mode: str | Sequence[str] = "area",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = ("image",),
+        size: int = 224,
+        mode: str | Sequence[str] = "area",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.size = int(size)
         self.modes = [mode] * len(self.keys) if isinstance(mode, str) else list(mode)
@@ -66,8 +72,9 @@ class Letterboxd(MapTransform):
         for key, mode in self.key_iterator(d, self.modes):
             img = d[key]
             if img.ndim != 3:
-                raise ValueError(f"Letterboxd: d[{key!r}] must be channel-first (C, H, W), "
-                                 f"got shape {tuple(img.shape)}")
+                raise ValueError(
+                    f"Letterboxd: d[{key!r}] must be channel-first (C, H, W), " f"got shape {tuple(img.shape)}"
+                )
             orig = d.get("orig_size")
             h, w = (int(v) for v in (img.shape[-2:] if orig is None else orig))
             self._check_aspect(img.shape[-2:], (h, w), key)
@@ -90,8 +97,10 @@ class Letterboxd(MapTransform):
         oh, ow = orig
         # a pre-reduced image must show the same field of view: h/oh == w/ow up to one pixel of rounding
         if abs(h * ow - w * oh) > max(oh, ow):
-            raise ValueError(f"Letterboxd: d[{key!r}] has shape {(h, w)} but d['orig_size'] is {(oh, ow)} "
-                             "(different aspect); do not change the image geometry between LoadCXRd and Letterboxd")
+            raise ValueError(
+                f"Letterboxd: d[{key!r}] has shape {(h, w)} but d['orig_size'] is {(oh, ow)} "
+                "(different aspect); do not change the image geometry between LoadCXRd and Letterboxd"
+            )
 
 
 class CXRIntensityd(MapTransform):
@@ -102,8 +111,15 @@ class CXRIntensityd(MapTransform):
     ``ScaleIntensityRange`` for the mapping (its percentile variant cannot exclude the padding).
     """
 
-    def __init__(self, keys: KeysCollection = ("image",), lower: float = 0.5, upper: float = 99.5,
-                 mean: float | None = None, std: float | None = None, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection = ("image",),
+        lower: float = 0.5,
+        upper: float = 99.5,
+        mean: float | None = None,
+        std: float | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if not 0 <= lower < upper <= 100:
             raise ValueError(f"CXRIntensityd: need 0 <= lower < upper <= 100, got {lower}, {upper}")
@@ -122,7 +138,7 @@ class CXRIntensityd(MapTransform):
                 _, top, left, oh, ow = (float(v) for v in lb)
                 nh, nw = content_size(int(oh), int(ow), arr.shape[-1])
                 if arr.shape[-2] == arr.shape[-1]:
-                    region = arr[..., int(top):int(top) + nh, int(left):int(left) + nw]
+                    region = arr[..., int(top) : int(top) + nh, int(left) : int(left) + nw]
             lo, hi = (float(v) for v in np.percentile(region, [self.lower, self.upper]))
             if hi - lo < 1e-8:  # flat image: nothing to stretch
                 out = img * 0 if isinstance(img, torch.Tensor) else np.zeros_like(arr)

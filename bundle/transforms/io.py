@@ -12,6 +12,7 @@ All of these are point operations of the stored value, so they are evaluated wit
 ramp of every possible stored value and applied as one float32 lookup table (np.take): identical results to the
 per-pixel float64 path, several times faster, and no float64 copies of the image.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,8 +48,13 @@ _JPEG_SIG = b"\xff\xd8\xff"
 _J2K_SOC_SIZ = b"\xff\x4f\xff\x51"
 _JPEG_BASELINE_UID = "1.2.840.10008.1.2.4.50"
 _JPEGLS_UIDS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
-_J2K_UIDS = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
-             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+_J2K_UIDS = {
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+}
 
 
 class CXRLoadError(ValueError):
@@ -153,11 +159,23 @@ def _load_pil(path, kind: str, target_size: int | None):
     except CXRLoadError:
         raise
     except Exception as e:  # PIL raises OSError/SyntaxError/ValueError variants for damaged files
-        raise _err(path, f"unreadable {kind.upper()} ({type(e).__name__}: {e})",
-                   "The file is damaged or truncated; re-export or re-download it, or drop it from the datalist") from e
-    meta = {"format": kind, "sex": None, "age": None, "modality": None, "view": None,
-            "photometric": "MONOCHROME2", "orig_size": full_size, "pixel_spacing": None,
-            "transfer_syntax": None, "path": os.fspath(path)}
+        raise _err(
+            path,
+            f"unreadable {kind.upper()} ({type(e).__name__}: {e})",
+            "The file is damaged or truncated; re-export or re-download it, or drop it from the datalist",
+        ) from e
+    meta = {
+        "format": kind,
+        "sex": None,
+        "age": None,
+        "modality": None,
+        "view": None,
+        "photometric": "MONOCHROME2",
+        "orig_size": full_size,
+        "pixel_spacing": None,
+        "transfer_syntax": None,
+        "path": os.fspath(path),
+    }
     return arr, meta
 
 
@@ -171,8 +189,11 @@ def _read_dicom(path):
     except InvalidDicomError:
         pass  # no 128-byte preamble + "DICM": may still be a raw dataset, try below
     except Exception as e:
-        raise _err(path, f"DICOM header could not be parsed ({type(e).__name__}: {e})",
-                   "The file is truncated or damaged; re-export it from the PACS or drop it from the datalist") from e
+        raise _err(
+            path,
+            f"DICOM header could not be parsed ({type(e).__name__}: {e})",
+            "The file is truncated or damaged; re-export it from the PACS or drop it from the datalist",
+        ) from e
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -181,31 +202,46 @@ def _read_dicom(path):
     except Exception:
         ok = False
     if not ok:
-        raise _err(path, "not a DICOM file (no 'DICM' marker and not a readable raw DICOM dataset)",
-                   "Check that the path points to the image and not to a report/text file; rename PNG/JPEG files "
-                   "with their real extension")
+        raise _err(
+            path,
+            "not a DICOM file (no 'DICM' marker and not a readable raw DICOM dataset)",
+            "Check that the path points to the image and not to a report/text file; rename PNG/JPEG files "
+            "with their real extension",
+        )
     return ds
 
 
 def _check_dicom(ds, path):
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality not in RADIOGRAPH_MODALITIES:
-        raise _err(path, f"Modality '{modality}' is not a projection radiograph (expected one of CR, DX, DR, RG, OT)",
-                   "Remove this series from the datalist; CT/MR/US/NM/PT/MG images are not chest radiographs")
+        raise _err(
+            path,
+            f"Modality {modality!r} is not a projection radiograph (expected one of CR, DX, DR, RG, OT)",
+            "Remove this series from the datalist; CT/MR/US/NM/PT/MG images are not chest radiographs",
+        )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise _err(path, "DICOM has no Pixel Data (7FE0,0010)",
-                   "This is a non-image object (report, presentation state, ...); point the datalist at the image")
+        raise _err(
+            path,
+            "DICOM has no Pixel Data (7FE0,0010)",
+            "This is a non-image object (report, presentation state, ...); point the datalist at the image",
+        )
     if not ds.get("Rows") or not ds.get("Columns"):
         raise _err(path, "DICOM lacks Rows/Columns", "The header is damaged; re-export the image")
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     if nframes > 1:
-        raise _err(path, f"multi-frame DICOM ({nframes} frames); a chest radiograph has one frame",
-                   "Extract the frame you want (e.g. with pydicom: ds.pixel_array[i]) into its own file")
+        raise _err(
+            path,
+            f"multi-frame DICOM ({nframes} frames); a chest radiograph has one frame",
+            "Extract the frame you want (e.g. with pydicom: ds.pixel_array[i]) into its own file",
+        )
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
     pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if spp != 1 and pi in ("MONOCHROME1", "MONOCHROME2"):
-        raise _err(path, f"SamplesPerPixel={spp} contradicts PhotometricInterpretation {pi}",
-                   "Fix the header or re-export the image")
+        raise _err(
+            path,
+            f"SamplesPerPixel={spp} contradicts PhotometricInterpretation {pi}",
+            "Fix the header or re-export the image",
+        )
 
 
 def _j2k_codestream_info(cs: bytes) -> dict | None:
@@ -214,13 +250,13 @@ def _j2k_codestream_info(cs: bytes) -> dict | None:
         return None
     try:
         lsiz = struct.unpack(">H", cs[4:6])[0]
-        siz = cs[6:4 + lsiz]
+        siz = cs[6 : 4 + lsiz]
         csiz = struct.unpack(">H", siz[34:36])[0]
         ssiz = siz[36]
         info = {"components": csiz, "signed": bool(ssiz & 0x80), "precision": (ssiz & 0x7F) + 1, "levels": None}
         pos = 4 + lsiz
         while pos + 4 <= len(cs):
-            marker, length = struct.unpack(">HH", cs[pos:pos + 4])
+            marker, length = struct.unpack(">HH", cs[pos : pos + 4])
             if marker == 0xFF52:  # COD: Scod(1) SGcod(4) SPcod: levels first
                 info["levels"] = cs[pos + 9]
             elif marker == 0xFF53:  # COC may lower levels for one component; be safe and decline reduction
@@ -278,7 +314,7 @@ def _decode_j2k_reduced(ds, target_size: int | None):
         # Pillow left-aligns n-bit samples in 16 bits; bring them back to stored values (rounded)
         shift = 16 - info["precision"]
         arr = ((arr.astype(np.uint32) + (1 << (shift - 1))) >> shift).astype(np.uint16)
-    return arr, (2 ** r - 1) / 2 ** (r + 1)
+    return arr, (2**r - 1) / 2 ** (r + 1)
 
 
 def _decode_jpeg_draft(ds, target_size: int | None):
@@ -287,8 +323,12 @@ def _decode_jpeg_draft(ds, target_size: int | None):
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     k = 0
-    while k < 3 and max(rows, cols) // 2 ** (k + 1) >= target_size and rows % 2 ** (k + 1) == 0 \
-            and cols % 2 ** (k + 1) == 0:
+    while (
+        k < 3
+        and max(rows, cols) // 2 ** (k + 1) >= target_size
+        and rows % 2 ** (k + 1) == 0
+        and cols % 2 ** (k + 1) == 0
+    ):
         k += 1
     if k == 0:
         return None
@@ -349,7 +389,7 @@ def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None
             out = np.asarray(apply_voi_lut(mod, ds, index=0, prefer_lut=True), dtype=np.float64)
             # scale by the LUT's own output extremes (robust to descriptors declaring 16 bits for 12-bit data)
             first = int(ds.VOILUTSequence[0].LUTDescriptor[1])
-            table = apply_voi_lut(np.arange(2 ** 16, dtype=np.int64) + first, ds, index=0, prefer_lut=True)
+            table = apply_voi_lut(np.arange(2**16, dtype=np.int64) + first, ds, index=0, prefer_lut=True)
             lo, hi = float(table.min()), float(table.max())
         elif kind == "window":
             out = np.asarray(apply_voi_lut(mod, ds, index=0, prefer_lut=True), dtype=np.float64)
@@ -362,9 +402,11 @@ def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None
     except CXRLoadError:
         raise
     except Exception as e:
-        raise _err(path, f"DICOM LUT/window attributes could not be applied ({type(e).__name__}: {e})",
-                   "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width "
-                   "in the header") from e
+        raise _err(
+            path,
+            f"DICOM LUT/window attributes could not be applied ({type(e).__name__}: {e})",
+            "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width " "in the header",
+        ) from e
     if hi == lo:
         res = np.zeros(out.shape, np.float32)
     else:  # lo > hi happens with a negative slope: the division handles the orientation
@@ -402,13 +444,16 @@ def _load_dicom(path, target_size: int | None):
                 ds.pixel_array_options(decoding_plugin="pyjpegls")
             arr = ds.pixel_array
         except Exception as e:
-            raise _err(path, f"pixel data could not be decoded ({type(e).__name__}: {e})",
-                       "The file is truncated/damaged, or its transfer syntax needs a decoder plugin "
-                       "(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle, pyjpegls)") from e
+            raise _err(
+                path,
+                f"pixel data could not be decoded ({type(e).__name__}: {e})",
+                "The file is truncated/damaged, or its transfer syntax needs a decoder plugin "
+                "(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle, pyjpegls)",
+            ) from e
     if arr.ndim == 3:  # colour secondary capture: luma
         if arr.shape[-1] not in (3, 4):
             raise _err(path, f"unexpected pixel array shape {arr.shape}", "Expected a single-frame 2D image")
-        arr = (arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         lo, hi = float(arr.min()), float(arr.max())
         return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)), meta, 0.0
     index, lut = _stored_lut(ds, arr, path)
@@ -498,8 +543,9 @@ class LoadCXRd(MapTransform):
     letterbox geometry is still computed from the native ``orig_size``.
     """
 
-    def __init__(self, keys: KeysCollection = ("image",), target_size: int | None = None,
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection = ("image",), target_size: int | None = None, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.target_size = target_size
 
@@ -510,9 +556,14 @@ class LoadCXRd(MapTransform):
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"LoadCXRd: d[{key!r}] must be a file path, got {type(path).__name__}")
             img, meta = load_cxr(path, return_meta=True, target_size=self.target_size)
-            d[key] = MetaTensor(torch.from_numpy(img[None]), meta={
-                "filename_or_obj": os.fspath(path), "spatial_shape": np.asarray(meta["orig_size"]),
-                "original_channel_dim": "no_channel"})
+            d[key] = MetaTensor(
+                torch.from_numpy(img[None]),
+                meta={
+                    "filename_or_obj": os.fspath(path),
+                    "spatial_shape": np.asarray(meta["orig_size"]),
+                    "original_channel_dim": "no_channel",
+                },
+            )
             if i == 0:
                 d["orig_size"] = [int(meta["orig_size"][0]), int(meta["orig_size"][1])]
                 for field in ("sex", "age", "view"):

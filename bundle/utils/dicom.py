@@ -39,15 +39,29 @@ def lung_masks(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return lung, med
 
 
-def make_dataset(pixels: np.ndarray, *, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
-                 window: tuple | None = None, voi_lut: tuple | None = None, rescale: tuple | None = None,
-                 modality_lut: tuple | None = None, modality: str | None = "DX", sex: str | None = "F",
-                 age: str | None = "045Y", view: str | None = "PA", presentation_shape: str | None = None,
-                 with_pixels: bool = True, frames: int = 1, patient_id: str | None = "P1",
-                 pixel_spacing: tuple | None = (0.2, 0.2),
-                 sop_class_uid: str = DigitalXRayImageStorageForPresentation,
-                 sop_instance_uid: str | None = None, extra: Mapping | None = None,
-                 file_meta_extra: Mapping | None = None) -> Dataset:
+def make_dataset(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    window: tuple | None = None,
+    voi_lut: tuple | None = None,
+    rescale: tuple | None = None,
+    modality_lut: tuple | None = None,
+    modality: str | None = "DX",
+    sex: str | None = "F",
+    age: str | None = "045Y",
+    view: str | None = "PA",
+    presentation_shape: str | None = None,
+    with_pixels: bool = True,
+    frames: int = 1,
+    patient_id: str | None = "P1",
+    pixel_spacing: tuple | None = (0.2, 0.2),
+    sop_class_uid: str = DigitalXRayImageStorageForPresentation,
+    sop_instance_uid: str | None = None,
+    extra: Mapping | None = None,
+    file_meta_extra: Mapping | None = None,
+) -> Dataset:
     """Dataset with the given stored pixels (uint8/uint16/int16 (H, W) or (F, H, W) when frames > 1).
 
     window: (center, width) or ([c1, c2], [w1, w2]); voi_lut / modality_lut: (first_map, bits, data list);
