@@ -1,7 +1,7 @@
 """Subgroup labels: sex normalisation, age parsing and binning schemes, intersections.
 
 This module is the single home of the demographic semantics: the datalist loader/validator
-(bundle.data.datalist), the dataset converters (bundle.data.convert_common) and the DICOM reader
+(bundle.data.datalist), the dataset converters (bundle.data.converters.common) and the DICOM reader
 (bundle.transforms.io) all call :func:`sex_label` / :func:`age_years` / :func:`age_groups` or share
 :data:`AGE_PATTERN`, :data:`AGE_UNIT_YEARS`, :data:`AGE_MIN` and :data:`AGE_MAX`.
 

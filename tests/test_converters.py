@@ -1,4 +1,5 @@
 """Dataset converters on small replicas of the distributed files (tests/replicas.py), with their quirks."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import numpy as np
 import pytest
 
 from bundle.data import datalist as dl
-from bundle.data.compose import compose
-from bundle.data.convert_common import CLASSES, ConversionError, prepare, summary_path
+from bundle.data.converters import CLASSES, ConversionError, prepare, summary_path
+from bundle.data.converters.compose import compose
 from scripts.prepare_data import main as cli
 from tests import replicas
 
@@ -61,8 +62,7 @@ def test_nih_counts_boxes_and_official_split(tmp_path, sex_column, version):
     assert _total(s, ("sex",)) == exp["sex"]
     assert _total(s, ("age_groups",)) == exp["age_group"]
     assert _shapes(s) == exp["boxes"]
-    assert {c: _total(s, ("classes", c, "positive_with_attention")) for c in CLASSES} == \
-        exp["positives_with_attention"]
+    assert {c: _total(s, ("classes", c, "positive_with_attention")) for c in CLASSES} == exp["positives_with_attention"]
     # the official test list is the test split; patients never cross splits
     assert sorted(Path(r["image"]).name for r in d["test"]) == sorted(replicas.NIH_TEST)
     _no_patient_in_two_splits(d)
@@ -138,8 +138,10 @@ def test_vindr_kaggle_train_csv_and_missing_dicom(tmp_path):
     assert t1["label"][:2] == [1, 1] and t1["sex"] == "unknown" and t1["age"] is None and t1["attention"] == []
     issues = s["report"]["issues"]
     assert issues["DICOM missing (sex/age unknown, boxes dropped)"]["count"] == 1
-    assert issues["box of an image whose DICOM header is unavailable (frame unknown)"]["count"] == \
-        e["boxes"]["nodule_mass"] + e["boxes"]["pleural_effusion"]
+    assert (
+        issues["box of an image whose DICOM header is unavailable (frame unknown)"]["count"]
+        == e["boxes"]["nodule_mass"] + e["boxes"]["pleural_effusion"]
+    )
 
 
 # -------------------------------------------------------------------------------------------------- CheXpert
@@ -152,14 +154,17 @@ def test_chexpert_tristate_prefixes_and_valid_split(tmp_path):
         assert by_tail[tail]["label"] == lab, tail
     # both path prefixes resolve inside the folder that holds train.csv
     assert by_tail["train/patient00002/study1/view1_frontal.jpg"]["image"] == str(
-        (tmp_path / "cx/CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg").resolve())
+        (tmp_path / "cx/CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg").resolve()
+    )
     assert by_tail["train/patient00002/study1/view1_frontal.jpg"]["age"] is None  # Age 0 = unknown
     assert by_tail["train/patient00001/study1/view2_lateral.jpg"]["view"] == "LATERAL"
     assert _total(s, ("sex",)) == exp["sex"]
     issues = s["report"]["issues"]
     assert issues["Age 0 (placeholder)"]["examples"][0]["line"] == exp["age_zero_line"]
-    assert issues["unparsable label 'Pleural Effusion'"]["examples"][0] == {"line": exp["bad_label_line"],
-                                                                           "value": "maybe"}
+    assert issues["unparsable label 'Pleural Effusion'"]["examples"][0] == {
+        "line": exp["bad_label_line"],
+        "value": "maybe",
+    }
 
 
 def test_chexlocalize_polygons_and_rle(tmp_path):
@@ -262,11 +267,18 @@ def test_compose_edema_keeps_dataset_prefixes_patients_and_ood(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- end to end (validation)
-@pytest.mark.parametrize("name,writer", [("nih", replicas.write_nih), ("vindr", replicas.write_vindr),
-                                         ("chexpert", replicas.write_chexpert),
-                                         ("chexlocalize", replicas.write_chexlocalize),
-                                         ("mimic", replicas.write_mimic), ("padchest", replicas.write_padchest),
-                                         ("jsrt", replicas.write_jsrt)])
+@pytest.mark.parametrize(
+    "name,writer",
+    [
+        ("nih", replicas.write_nih),
+        ("vindr", replicas.write_vindr),
+        ("chexpert", replicas.write_chexpert),
+        ("chexlocalize", replicas.write_chexlocalize),
+        ("mimic", replicas.write_mimic),
+        ("padchest", replicas.write_padchest),
+        ("jsrt", replicas.write_jsrt),
+    ],
+)
 def test_replica_to_datalist_passes_shared_validation(tmp_path, name, writer):
     writer(tmp_path / "raw")
     out = tmp_path / "dl" / "datalist.json"
@@ -281,8 +293,24 @@ def test_cli_classes_subset_and_seeded_split(tmp_path):
     replicas.write_nih(tmp_path / "nih")
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     for out in (a, b):
-        assert cli(["nih", "--root", str(tmp_path / "nih"), "--out", str(out), "--classes", "nodule_mass",
-                    "--seed", "7", "--val-fraction", "0.3"]) == 0
+        assert (
+            cli(
+                [
+                    "nih",
+                    "--root",
+                    str(tmp_path / "nih"),
+                    "--out",
+                    str(out),
+                    "--classes",
+                    "nodule_mass",
+                    "--seed",
+                    "7",
+                    "--val-fraction",
+                    "0.3",
+                ]
+            )
+            == 0
+        )
     da, db = json.loads(a.read_text()), json.loads(b.read_text())
     assert da == db and da["classes"] == ["nodule_mass"]
     assert all(len(r["label"]) == 1 for r in _records(da))

@@ -1,4 +1,5 @@
 """The datalist format: loading, normalisation, every validation error kind, summary, MONAI compatibility."""
+
 import copy
 import json
 import os
@@ -13,9 +14,16 @@ CLASSES = ["nodule_mass", "pleural_effusion", "edema"]
 
 
 def _record(**kw):
-    rec = {"image": "images/a.png", "label": [1, 0, None],
-           "attention": [{"class": "nodule_mass", "type": "bbox_xywh", "coords": [10, 20, 30, 40], "frame": [100, 80]}],
-           "sex": "F", "age": 57, "patient_id": "p1", "dataset": "toy", "view": "PA"}
+    rec = {
+        "image": "images/a.png",
+        "label": [1, 0, None],
+        "attention": [{"class": "nodule_mass", "type": "bbox_xywh", "coords": [10, 20, 30, 40], "frame": [100, 80]}],
+        "sex": "F",
+        "age": 57,
+        "patient_id": "p1",
+        "dataset": "toy",
+        "view": "PA",
+    }
     rec.update(kw)
     return rec
 
@@ -53,34 +61,93 @@ def test_valid_datalist_loads_and_normalises(tmp_path):
     assert "_problems" not in d
 
 
-@pytest.mark.parametrize("mutate, split, index, key, words", [
-    (lambda d: d["training"][0]["attention"][0].update({"class": "cardiomegaly"}), "training", 0,
-     "attention[0].class", "unknown class name 'cardiomegaly'"),
-    (lambda d: d["training"][0].update({"label": [1, 0]}), "training", 0, "label", "has 2 values but there are 3"),
-    (lambda d: d["training"][0].update({"label": [1, 2, 0]}), "training", 0, "label[1]", "value 2 is not one of"),
-    (lambda d: d["training"][0].update({"label": [1, "yes", 0]}), "training", 0, "label[1]", "is not one of"),
-    (lambda d: d["training"][0]["attention"][0].update({"type": "circle"}), "training", 0, "attention[0].type",
-     "unknown attention type 'circle'"),
-    (lambda d: d["training"][0]["attention"][0].update({"coords": [1, 2, 3]}), "training", 0, "attention[0].coords",
-     "malformed coords"),
-    (lambda d: d["training"][0]["attention"][0].update({"coords": [90, 20, 30, 40]}), "training", 0,
-     "attention[0].coords", "outside the frame"),
-    (lambda d: d["training"][0]["attention"][0].update({"coords": [0.1, 0.2, 0.95, 0.3], "normalized": True}),
-     "training", 0, "attention[0].coords", "outside [0, 1]"),
-    (lambda d: d["training"][0]["attention"][0].pop("frame"), "training", 0, "attention[0].frame", "missing for type"),
-    (lambda d: d["training"][0]["attention"][0].update({"type": "polygon", "coords": [[1, 2], [3, 4]]}), "training",
-     0, "attention[0].coords", "at least 3"),
-    (lambda d: d["training"][0]["attention"][0].update({"type": "bbox_xyxy", "coords": [10, 10, 5, 20]}), "training",
-     0, "attention[0].coords", "x2 > x1"),
-    (lambda d: d["training"][0]["attention"][0].update({"type": "point_radius", "coords": [150, 10, 5]}), "training",
-     0, "attention[0].coords", "outside the frame"),
-    (lambda d: d["training"][0]["attention"][0].update({"type": "rle", "coords": {"size": [80], "counts": "x"}}),
-     "training", 0, "attention[0].coords.size", "[height, width]"),
-    (lambda d: d["training"][0]["attention"][0].update({"type": "mask", "coords": None}), "training", 0,
-     "attention[0].path", "missing mask file path"),
-    (lambda d: d["training"][0].pop("image"), "training", 0, "image", "missing"),
-    (lambda d: d.update({"test": [_record(image="images/b.png")]}), "test", 0, "patient_id", "leakage"),
-])
+@pytest.mark.parametrize(
+    "mutate, split, index, key, words",
+    [
+        (
+            lambda d: d["training"][0]["attention"][0].update({"class": "cardiomegaly"}),
+            "training",
+            0,
+            "attention[0].class",
+            "unknown class name 'cardiomegaly'",
+        ),
+        (lambda d: d["training"][0].update({"label": [1, 0]}), "training", 0, "label", "has 2 values but there are 3"),
+        (lambda d: d["training"][0].update({"label": [1, 2, 0]}), "training", 0, "label[1]", "value 2 is not one of"),
+        (lambda d: d["training"][0].update({"label": [1, "yes", 0]}), "training", 0, "label[1]", "is not one of"),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"type": "circle"}),
+            "training",
+            0,
+            "attention[0].type",
+            "unknown attention type 'circle'",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"coords": [1, 2, 3]}),
+            "training",
+            0,
+            "attention[0].coords",
+            "malformed coords",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"coords": [90, 20, 30, 40]}),
+            "training",
+            0,
+            "attention[0].coords",
+            "outside the frame",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"coords": [0.1, 0.2, 0.95, 0.3], "normalized": True}),
+            "training",
+            0,
+            "attention[0].coords",
+            "outside [0, 1]",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].pop("frame"),
+            "training",
+            0,
+            "attention[0].frame",
+            "missing for type",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"type": "polygon", "coords": [[1, 2], [3, 4]]}),
+            "training",
+            0,
+            "attention[0].coords",
+            "at least 3",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"type": "bbox_xyxy", "coords": [10, 10, 5, 20]}),
+            "training",
+            0,
+            "attention[0].coords",
+            "x2 > x1",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"type": "point_radius", "coords": [150, 10, 5]}),
+            "training",
+            0,
+            "attention[0].coords",
+            "outside the frame",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"type": "rle", "coords": {"size": [80], "counts": "x"}}),
+            "training",
+            0,
+            "attention[0].coords.size",
+            "[height, width]",
+        ),
+        (
+            lambda d: d["training"][0]["attention"][0].update({"type": "mask", "coords": None}),
+            "training",
+            0,
+            "attention[0].path",
+            "missing mask file path",
+        ),
+        (lambda d: d["training"][0].pop("image"), "training", 0, "image", "missing"),
+        (lambda d: d.update({"test": [_record(image="images/b.png")]}), "test", 0, "patient_id", "leakage"),
+    ],
+)
 def test_each_error_kind_names_split_index_key(tmp_path, mutate, split, index, key, words):
     d = _datalist()
     mutate(d)
@@ -88,7 +155,7 @@ def test_each_error_kind_names_split_index_key(tmp_path, mutate, split, index, k
     with pytest.raises(dl.DatalistError) as ei:
         dl.load(path)
     msg = str(ei.value)
-    assert f"split '{split}', index {index}, key '{key}'" in msg
+    assert f"split {split!r}, index {index}, key {key!r}" in msg
     assert words in msg
     assert "-> fix:" in msg
     assert path in msg
@@ -103,8 +170,10 @@ def test_missing_image_only_when_checked(tmp_path):
 
 
 def test_every_problem_listed_at_once(tmp_path):
-    d = _datalist(training=[_record(label=[1, 0]), _record(image="images/b.png", label=[1, 5, 0], patient_id="p2")],
-                  validation=[_record(image="images/c.png", patient_id="p3")])
+    d = _datalist(
+        training=[_record(label=[1, 0]), _record(image="images/b.png", label=[1, 5, 0], patient_id="p2")],
+        validation=[_record(image="images/c.png", patient_id="p3")],
+    )
     d["validation"][0]["attention"][0]["class"] = "unknown_thing"
     with pytest.raises(dl.DatalistError) as ei:
         dl.load(_write(tmp_path, d))
@@ -139,18 +208,51 @@ def test_strict_false_returns_problems(tmp_path):
 
 
 # the datalist reads sex and age exactly like the fairness metrics (bundle.demographics): one definition
-@pytest.mark.parametrize("raw, sex", [("M", "M"), ("Male", "M"), ("m", "M"), ("man", "M"), (" female ", "F"),
-                                      ("F", "F"), ("Woman", "F"), (1, "M"), ("2", "F"), ("O", "unknown"),
-                                      ("", "unknown"), (None, "unknown"), (0, "unknown"), (True, "unknown")])
+@pytest.mark.parametrize(
+    "raw, sex",
+    [
+        ("M", "M"),
+        ("Male", "M"),
+        ("m", "M"),
+        ("man", "M"),
+        (" female ", "F"),
+        ("F", "F"),
+        ("Woman", "F"),
+        (1, "M"),
+        ("2", "F"),
+        ("O", "unknown"),
+        ("", "unknown"),
+        (None, "unknown"),
+        (0, "unknown"),
+        (True, "unknown"),
+    ],
+)
 def test_sex_normalisation(raw, sex):
     from bundle.demographics import sex_label, sex_labels
 
     assert sex_label(raw) == sex == sex_labels([raw])[0]
 
 
-@pytest.mark.parametrize("raw, age", [(57, 57), (57.5, 57.5), ("57", 57), ("045Y", 45), ("006M", 0.5), ("010W", 0.19),
-                                      (np.int64(57), 57), ("abc", None), (-3, None), (130, None), ("111Y", None),
-                                      (None, None), (True, None), (float("nan"), None), ([45], None)])
+@pytest.mark.parametrize(
+    "raw, age",
+    [
+        (57, 57),
+        (57.5, 57.5),
+        ("57", 57),
+        ("045Y", 45),
+        ("006M", 0.5),
+        ("010W", 0.19),
+        (np.int64(57), 57),
+        ("abc", None),
+        (-3, None),
+        (130, None),
+        ("111Y", None),
+        (None, None),
+        (True, None),
+        (float("nan"), None),
+        ([45], None),
+    ],
+)
 def test_age_normalisation(raw, age):
     assert dl.normalize_age(raw) == age
     assert type(dl.normalize_age(raw)) is type(age)  # whole years are stored as ints
@@ -194,11 +296,17 @@ def test_mask_file_checked_with_images(tmp_path):
     (tmp_path / "images").mkdir()
     Image.fromarray(np.zeros((80, 100), np.uint8)).save(tmp_path / "images" / "a.png")
     Image.fromarray(np.zeros((50, 50), np.uint8)).save(tmp_path / "m.png")
-    rec = _record(attention=[{"class": "nodule_mass", "type": "mask", "path": "m.png", "frame": [100, 80]},
-                             {"class": "nodule_mass", "type": "mask", "path": "nothere.png"}])
+    rec = _record(
+        attention=[
+            {"class": "nodule_mass", "type": "mask", "path": "m.png", "frame": [100, 80]},
+            {"class": "nodule_mass", "type": "mask", "path": "nothere.png"},
+        ]
+    )
     errs = _errors(_datalist(training=[rec]), base_dir=str(tmp_path), check_images=True)
-    assert {(p.key, p.code) for p in errs} == {("attention[0].frame", "coords_outside"),
-                                               ("attention[1].path", "missing_image")}
+    assert {(p.key, p.code) for p in errs} == {
+        ("attention[0].frame", "coords_outside"),
+        ("attention[1].path", "missing_image"),
+    }
 
 
 def test_bad_json_and_missing_file(tmp_path):
@@ -211,35 +319,69 @@ def test_bad_json_and_missing_file(tmp_path):
 
 
 def test_summarize_counts():
-    d = _datalist(training=[_record(), _record(image="images/b.png", label=[0, 1, 1], attention=[], sex="M", age=85,
-                                               patient_id="p1"), _record(image="images/c.png", age=None,
-                                                                         patient_id="p2")])
+    d = _datalist(
+        training=[
+            _record(),
+            _record(image="images/b.png", label=[0, 1, 1], attention=[], sex="M", age=85, patient_id="p1"),
+            _record(image="images/c.png", age=None, patient_id="p2"),
+        ]
+    )
     s = dl.summarize(d)["splits"]["training"]
     assert s["n_images"] == 3 and s["n_patients"] == 2
-    assert s["classes"]["nodule_mass"] == {"positive": 2, "negative": 1, "unknown": 0, "positive_with_attention": 2,
-                                           "attention_shapes": 2}
-    assert s["classes"]["edema"] == {"positive": 1, "negative": 0, "unknown": 2, "positive_with_attention": 0,
-                                     "attention_shapes": 0}
+    assert s["classes"]["nodule_mass"] == {
+        "positive": 2,
+        "negative": 1,
+        "unknown": 0,
+        "positive_with_attention": 2,
+        "attention_shapes": 2,
+    }
+    assert s["classes"]["edema"] == {
+        "positive": 1,
+        "negative": 0,
+        "unknown": 2,
+        "positive_with_attention": 0,
+        "attention_shapes": 0,
+    }
     assert s["sex"] == {"M": 1, "F": 2, "unknown": 0}
     assert s["age_groups"] == {"[0,20)": 0, "[20,40)": 0, "[40,60)": 1, "[60,80)": 0, "[80,inf)": 1, "unknown": 1}
     assert s["datasets"] == {"toy": 3}
 
 
 def test_summarize_raw_values_ragged_labels_report_and_schemes():
-    recs = [_record(sex="male", age="045Y", patient_id=None, attention=[
-                _record()["attention"][0], {"class": "nodule_mass", "type": "point_radius", "coords": [1, 2, 3],
-                                            "frame": [100, 80]}, {"class": "cardiomegaly"}, "junk"]),
-            _record(image="b.png", label=[1, "x"], attention=[], sex=2, age=None, patient_id="", dataset=None),
-            "not a record"]
+    recs = [
+        _record(
+            sex="male",
+            age="045Y",
+            patient_id=None,
+            attention=[
+                _record()["attention"][0],
+                {"class": "nodule_mass", "type": "point_radius", "coords": [1, 2, 3], "frame": [100, 80]},
+                {"class": "cardiomegaly"},
+                "junk",
+            ],
+        ),
+        _record(image="b.png", label=[1, "x"], attention=[], sex=2, age=None, patient_id="", dataset=None),
+        "not a record",
+    ]
     d = _datalist(training=recs, _problems=[1, 2])
     s = dl.summarize(d, age_bins="binary60", report={"dataset": "toy", "issues": {}})
     assert list(s["splits"]) == ["training"] and s["total_images"] == 2 and s["report"]["dataset"] == "toy"
     t = s["splits"]["training"]
     assert t["n_patients"] == 2  # records without patient_id are distinct patients
-    assert t["classes"]["nodule_mass"] == {"positive": 2, "negative": 0, "unknown": 0, "positive_with_attention": 1,
-                                           "attention_shapes": 2}
-    assert t["classes"]["pleural_effusion"] == {"positive": 0, "negative": 1, "unknown": 1,
-                                                "positive_with_attention": 0, "attention_shapes": 0}
+    assert t["classes"]["nodule_mass"] == {
+        "positive": 2,
+        "negative": 0,
+        "unknown": 0,
+        "positive_with_attention": 1,
+        "attention_shapes": 2,
+    }
+    assert t["classes"]["pleural_effusion"] == {
+        "positive": 0,
+        "negative": 1,
+        "unknown": 1,
+        "positive_with_attention": 0,
+        "attention_shapes": 0,
+    }
     assert t["classes"]["edema"]["unknown"] == 2  # a short label counts its missing values as unknown
     assert t["sex"] == {"M": 1, "F": 1, "unknown": 0} and t["datasets"] == {"toy": 1, "unknown": 1}
     assert t["age_groups"] == {"<=60": 1, ">60": 0, "unknown": 1}
@@ -248,8 +390,18 @@ def test_summarize_raw_values_ragged_labels_report_and_schemes():
 
 def test_age_group_bins():
     assert [dl.age_group(a) for a in (0, 19.9, 20, 59, 60, 80, 110, None, "045Y", 111, -1)] == [
-        "[0,20)", "[0,20)", "[20,40)", "[40,60)", "[60,80)", "[80,inf)", "[80,inf)", "unknown", "[40,60)", "unknown",
-        "unknown"]
+        "[0,20)",
+        "[0,20)",
+        "[20,40)",
+        "[40,60)",
+        "[60,80)",
+        "[80,inf)",
+        "[80,inf)",
+        "unknown",
+        "[40,60)",
+        "unknown",
+        "unknown",
+    ]
     assert dl.age_group(17, (0, 18, 65)) == "[0,18)" and dl.age_group(70, "binary60") == ">60"
 
 
@@ -258,7 +410,7 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     d["_problems"] = [dl.Problem("training", 0, "label", "m", "f")]
     path = dl.save(d, tmp_path / "sub" / "dl.json")
     assert json.load(open(path)) == {k: v for k, v in d.items() if k != "_problems"}
-    assert [f for f in os.listdir(tmp_path / "sub")] == ["dl.json"]  # no temp file left behind
+    assert os.listdir(tmp_path / "sub") == ["dl.json"]  # no temp file left behind
     before = open(path).read()
 
     class Boom:

@@ -1,4 +1,5 @@
 """The built-in synthetic benchmark: determinism, validity, exact masks, the planted shortcut, the DICOM site."""
+
 import hashlib
 import json
 import os
@@ -12,9 +13,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from bundle.data import datalist as dl
 from bundle.data import synthetic as S
-
-SMALL = {"n_train": 40, "n_val": 12, "n_test": 12, "n_ood": 16}
-SEED = 3
+from bundle.data.synthetic.write import to_png16
 
 
 def _digest(root):
@@ -27,19 +26,21 @@ def _digest(root):
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn") / "a"
-    path = S.ensure_synthetic(str(root), seed=SEED, workers=1, progress=False, **SMALL)
-    return str(root), path, S.SyntheticParams.from_kwargs(**SMALL)
+def small(tiny_datalist, tiny_synth):
+    """(folder, datalist path, params, seed) of the shared tiny benchmark (tests/conftest.py)."""
+    root = os.path.dirname(tiny_datalist)
+    with open(os.path.join(root, S.SUMMARY_NAME)) as f:
+        seed = json.load(f)["seed"]
+    return root, tiny_datalist, S.SyntheticParams.from_kwargs(**tiny_synth), seed
 
 
-def test_same_seed_same_bytes_any_workers_other_seed_differs(small, tmp_path):
-    root, _, _ = small
-    again = S.ensure_synthetic(str(tmp_path / "b"), seed=SEED, workers=2, progress=False, **SMALL)
+def test_same_seed_same_bytes_any_workers_other_seed_differs(small, tiny_synth, tmp_path):
+    root, _, params, seed = small
+    again = S.ensure_synthetic(str(tmp_path / "b"), seed=seed, workers=2, progress=False, **tiny_synth)
     ref = _digest(root)
-    assert len(ref) > 2 * sum(SMALL.values()) // 2
+    assert len(ref) > params.n_train + params.n_val + params.n_test + params.n_ood
     assert _digest(os.path.dirname(again)) == ref
-    other = S.ensure_synthetic(str(tmp_path / "c"), seed=SEED + 1, workers=1, progress=False, **SMALL)
+    other = S.ensure_synthetic(str(tmp_path / "c"), seed=seed + 1, workers=1, progress=False, **tiny_synth)
     dig = _digest(os.path.dirname(other))
     common = set(dig) & set(ref)
     assert dig["datalist.json"] != ref["datalist.json"]
@@ -47,7 +48,7 @@ def test_same_seed_same_bytes_any_workers_other_seed_differs(small, tmp_path):
 
 
 def test_datalist_validates_and_has_the_documented_shape(small):
-    root, path, params = small
+    root, path, params, _ = small
     d = dl.load(path, check_images=True)
     assert [p for p in d.get("_problems", []) if p.severity == "error"] == []
     assert d["classes"] == list(S.CLASSES)
@@ -69,7 +70,7 @@ def test_datalist_validates_and_has_the_documented_shape(small):
 
 
 def test_patients_several_images_consistent_and_disjoint(small):
-    _, path, _ = small
+    _, path, _, _ = small
     d = dl.load(path)
     by_patient, split_of = defaultdict(list), {}
     for split in S.SPLITS:
@@ -83,16 +84,16 @@ def test_patients_several_images_consistent_and_disjoint(small):
 
 
 def test_masks_are_exactly_the_drawn_findings_inside_the_lungs(small):
-    _, path, params = small
+    _, path, params, seed = small
     d = dl.load(path)
-    planned = S.plan(SEED, params)
+    planned = S.plan(seed, params)
     checked = 0
     for split in ("training", "test_ood"):
         for i, r in enumerate(d[split]):
             if not r["attention"]:
                 continue
             item = planned[split][i]
-            sick, healthy = S.render(item, SEED, params), S.render(item, SEED, params, with_findings=False)
+            sick, healthy = S.render(item, seed, params), S.render(item, seed, params, with_findings=False)
             for a in r["attention"]:
                 with Image.open(a["path"]) as im:
                     mask = np.asarray(im) > 0
@@ -107,7 +108,7 @@ def test_masks_are_exactly_the_drawn_findings_inside_the_lungs(small):
                     union |= m
                 assert np.array_equal(sick["image"][~union], healthy["image"][~union])
                 with Image.open(r["image"]) as im:  # the file holds exactly the rendered image
-                    assert np.array_equal(np.asarray(im), S._to_png16(sick["image"]))
+                    assert np.array_equal(np.asarray(im), to_png16(sick["image"]))
             checked += 1
     assert checked >= 10
 
@@ -135,11 +136,11 @@ def test_shortcut_correlation_as_requested_and_absent_out_of_domain():
 
 
 def test_summary_file_matches_the_datalist(small):
-    root, path, params = small
+    root, path, params, seed = small
     summary = json.load(open(os.path.join(root, S.SUMMARY_NAME)))
     raw = json.load(open(path))
-    assert summary["params_hash"] == S.params_hash(SEED, params)
-    assert summary == json.loads(json.dumps(S.synthetic_summary(raw, SEED, params)))
+    assert summary["params_hash"] == S.params_hash(seed, params)
+    assert summary == json.loads(json.dumps(S.synthetic_summary(raw, seed, params)))
     tr = summary["splits"]["training"]
     assert tr["n_images"] == len(raw["training"])
     for c in S.CLASSES:
@@ -149,7 +150,7 @@ def test_summary_file_matches_the_datalist(small):
 
 
 def test_dicom_site_b_is_monochrome1_with_window_tags(small):
-    _, path, params = small
+    _, path, params, seed = small
     d = dl.load(path)
     rec = d["test_ood"][0]
     ds = pydicom.dcmread(rec["image"])
@@ -165,28 +166,29 @@ def test_dicom_site_b_is_monochrome1_with_window_tags(small):
     voi = apply_voi_lut(apply_modality_lut(stored, ds), ds).astype(np.float64)
     lo, hi = float(ds.RescaleIntercept), 4095 * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     shown = 1.0 - (voi - lo) / (hi - lo)
-    item = S.plan(SEED, params)["test_ood"][0]
-    ref = S.render(item, SEED, params)["image"]
+    item = S.plan(seed, params)["test_ood"][0]
+    ref = S.render(item, seed, params)["image"]
     assert np.abs(shown - ref).max() < 2e-3
     # ... while naive min-max scaling of the stored values does not (inverted and washed out)
     naive = (stored - stored.min()) / (stored.max() - stored.min())
     assert np.abs(naive - ref).mean() > 0.2
     assert np.abs((1 - naive) - ref).mean() > 0.05
     # lungs dark, mediastinum bright in display convention
-    lung = S.render(item, SEED, params)["lung"]
+    lung = S.render(item, seed, params)["lung"]
     assert shown[lung].mean() < shown[~lung & (shown > 0)].mean()
 
 
-def test_ensure_synthetic_reuses_or_regenerates(small, tmp_path):
-    root, path, _ = small
+def test_ensure_synthetic_reuses_or_regenerates(small, tiny_synth, tmp_path):
+    root, path, _, seed = small
     mtime = os.path.getmtime(path)
-    assert S.ensure_synthetic(root, seed=SEED, progress=False, **SMALL) == path
+    assert S.ensure_synthetic(root, seed=seed, progress=False, **tiny_synth) == path
     assert os.path.getmtime(path) == mtime  # up to date: untouched
     target = str(tmp_path / "r")
     S.ensure_synthetic(target, seed=0, workers=1, progress=False, n_train=8, n_val=0, n_test=0, n_ood=2)
     first = json.load(open(os.path.join(target, S.SUMMARY_NAME)))["params_hash"]
-    S.ensure_synthetic(target, seed=0, workers=1, progress=False, n_train=8, n_val=0, n_test=0, n_ood=2,
-                       shortcut_weak=[0.5, 0.5])
+    S.ensure_synthetic(
+        target, seed=0, workers=1, progress=False, n_train=8, n_val=0, n_test=0, n_ood=2, shortcut_weak=[0.5, 0.5]
+    )
     summary = json.load(open(os.path.join(target, S.SUMMARY_NAME)))
     assert summary["params_hash"] != first and summary["params"]["shortcut_weak"] == [0.5, 0.5]
     assert sorted(os.listdir(tmp_path)) == ["r", "r.lock"]  # no temp or old folders left
@@ -194,17 +196,19 @@ def test_ensure_synthetic_reuses_or_regenerates(small, tmp_path):
         S.ensure_synthetic(target, n_trian=5)
 
 
-def test_script_and_sample_grid(small, tmp_path, capsys):
+def test_script_and_sample_grid(small, tiny_synth, tmp_path, capsys):
     import importlib.util
 
-    root, path, _ = small
-    spec = importlib.util.spec_from_file_location("make_synthetic", os.path.join(
-        os.path.dirname(os.path.dirname(__file__)), "scripts", "make_synthetic.py"))
+    root, path, _, seed = small
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic", os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "make_synthetic.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     png = tmp_path / "grid.png"
-    args = ["--out", root, "--seed", str(SEED), "--quiet", "--sample-grid", str(png)]
-    args += sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in SMALL.items()), [])
+    args = ["--out", root, "--seed", str(seed), "--quiet", "--sample-grid", str(png)]
+    for k, v in tiny_synth.items():  # the counts have their own flags, the other knobs go through --param
+        args += [f"--{k.replace('_', '-')}", str(v)] if k.startswith("n_") else ["--param", f"{k}={json.dumps(v)}"]
     assert mod.main(args) == 0
     assert path in capsys.readouterr().out
     with Image.open(png) as im:

@@ -3,11 +3,12 @@
 Goal (issue 6): the full NIH table with its boxes converts in under 20 s on the 2-core machine. The replica
 is generated here with the distributed quirks (bracketed header, trailing comma, "|"-joined findings, box
 file with the ``Bbox [x,y,w,h],,,`` header, official lists). Measured in the same run:
-- ``bundle`` : ``convert_common.prepare("nih", ...)`` (vectorised pandas reading/parsing, split, JSON write);
+- ``bundle`` : ``bundle.data.converters.prepare("nih", ...)`` (vectorised pandas reading/parsing, split, JSON write);
 - ``baseline``: a naive per-row converter with ``csv.DictReader`` doing the same work (labels, age, sex,
   duplicates, boxes, official split, patient split, JSON write).
 The ratio is baseline / bundle (> 1: the bundle is faster).
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,13 +20,28 @@ from pathlib import Path
 
 import numpy as np
 
-from bundle.data.convert_common import CLASSES, prepare, write_json_atomic
+from bundle.data.converters import CLASSES, prepare
 from bundle.data.splits import patient_split
+from bundle.utils.atomic import write_json_atomic
 
 N_ROWS = 112_120
 N_BOXES = 984
-FINDINGS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
-            "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax"]
+FINDINGS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+]
 
 
 def write_nih_table(root: Path, n_rows: int = N_ROWS, n_boxes: int = N_BOXES, seed: int = 0):
@@ -36,31 +52,39 @@ def write_nih_table(root: Path, n_rows: int = N_ROWS, n_boxes: int = N_BOXES, se
     pid = np.sort(rng.integers(1, n_pat + 1, n_rows))
     _, first, inverse = np.unique(pid, return_index=True, return_inverse=True)
     follow = np.arange(n_rows) - first[inverse]  # follow-up number within the patient
-    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(pid.tolist(), follow.tolist())]
+    names = [f"{p:08d}_{f:03d}.png" for p, f in zip(pid.tolist(), follow.tolist(), strict=False)]
     k = rng.random((n_rows, len(FINDINGS))) < 0.05
-    labels = ["|".join(f for f, on in zip(FINDINGS, row) if on) or "No Finding" for row in k.tolist()]
+    labels = ["|".join(f for f, on in zip(FINDINGS, row, strict=False) if on) or "No Finding" for row in k.tolist()]
     age = rng.integers(1, 95, n_rows).astype(str)
     age[rng.choice(n_rows, 16, replace=False)] = "148"  # the 2017 file's impossible ages
     sex = np.where(rng.random(n_rows) < 0.56, "M", "F")
     view = np.where(rng.random(n_rows) < 0.6, "PA", "AP")
-    header = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-              "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+    header = (
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+        "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+    )
     with open(root / "Data_Entry_2017.csv", "w") as f:
         f.write(header + "\n")
-        f.writelines(f"{n},{lab},{fu},{p},{a},{s},{v},2500,2048,0.143,0.143,\n"
-                     for n, lab, fu, p, a, s, v in zip(names, labels, follow.tolist(), pid.tolist(), age, sex, view))
+        f.writelines(
+            f"{n},{lab},{fu},{p},{a},{s},{v},2500,2048,0.143,0.143,\n"
+            for n, lab, fu, p, a, s, v in zip(
+                names, labels, follow.tolist(), pid.tolist(), age, sex, view, strict=False
+            )
+        )
     box_idx = rng.choice(n_rows, n_boxes, replace=False)
     kinds = ["Atelectasis", "Cardiomegaly", "Effusion", "Infiltrate", "Mass", "Nodule", "Pneumonia", "Pneumothorax"]
     xy = rng.uniform(0, 800, (n_boxes, 2))
     wh = rng.uniform(20, 200, (n_boxes, 2))
     with open(root / "BBox_List_2017.csv", "w") as f:
         f.write("Image Index,Finding Label,Bbox [x,y,w,h],,,\n")
-        f.writelines(f"{names[i]},{kinds[j % len(kinds)]},{x},{y},{w},{h},,,\n"
-                     for j, (i, (x, y), (w, h)) in enumerate(zip(box_idx, xy, wh)))
+        f.writelines(
+            f"{names[i]},{kinds[j % len(kinds)]},{x},{y},{w},{h},,,\n"
+            for j, (i, (x, y), (w, h)) in enumerate(zip(box_idx, xy, wh, strict=False))
+        )
     test_pat = set(rng.choice(np.unique(pid), int(0.2 * len(np.unique(pid))), replace=False).tolist())
     in_test = np.isin(pid, list(test_pat))
-    (root / "test_list.txt").write_text("\n".join(n for n, t in zip(names, in_test) if t) + "\n")
-    (root / "train_val_list.txt").write_text("\n".join(n for n, t in zip(names, in_test) if not t) + "\n")
+    (root / "test_list.txt").write_text("\n".join(n for n, t in zip(names, in_test, strict=False) if t) + "\n")
+    (root / "train_val_list.txt").write_text("\n".join(n for n, t in zip(names, in_test, strict=False) if not t) + "\n")
 
 
 def baseline_convert(root: Path, out: Path, seed: int = 0) -> int:
@@ -78,8 +102,9 @@ def baseline_convert(root: Path, out: Path, seed: int = 0) -> int:
                 continue
             cls = {"Nodule": "nodule_mass", "Mass": "nodule_mass", "Effusion": "pleural_effusion"}.get(row[1])
             if cls:
-                boxes.setdefault(row[0], []).append({"class": cls, "type": "bbox_xywh", "coords": [x, y, w, h],
-                                                     "frame": [1024, 1024]})
+                boxes.setdefault(row[0], []).append(
+                    {"class": cls, "type": "bbox_xywh", "coords": [x, y, w, h], "frame": [1024, 1024]}
+                )
     recs, seen = [], set()
     with open(root / "Data_Entry_2017.csv", newline="") as f:
         for row in csv.DictReader(f):
@@ -94,14 +119,22 @@ def baseline_convert(root: Path, out: Path, seed: int = 0) -> int:
             except ValueError:
                 age = None
             sex = row.get("Patient Gender", row.get("Patient Sex", ""))
-            recs.append({"image": os.path.join(str(root), "images", img),
-                         "label": [int(any(x in found for x in label_map[c])) for c in CLASSES],
-                         "attention": boxes.get(img, []), "sex": sex if sex in ("M", "F") else "unknown",
-                         "age": age, "patient_id": row["Patient ID"], "dataset": "nih", "view": row["View Position"],
-                         "split_source": "test" if img in test else "train_val"})
+            recs.append(
+                {
+                    "image": os.path.join(str(root), "images", img),
+                    "label": [int(any(x in found for x in label_map[c])) for c in CLASSES],
+                    "attention": boxes.get(img, []),
+                    "sex": sex if sex in ("M", "F") else "unknown",
+                    "age": age,
+                    "patient_id": row["Patient ID"],
+                    "dataset": "nih",
+                    "view": row["View Position"],
+                    "split_source": "test" if img in test else "train_val",
+                }
+            )
     te = [r for r in recs if r["split_source"] == "test"]
     parts = patient_split([r for r in recs if r["split_source"] != "test"], {"training": 0.9, "validation": 0.1}, seed)
-    write_json_atomic({"name": "nih", "classes": list(CLASSES), **parts, "test": te}, out)
+    write_json_atomic(out, {"name": "nih", "classes": list(CLASSES), **parts, "test": te}, indent=None)
     return len(recs)
 
 
@@ -118,7 +151,7 @@ def run(quick: bool = False) -> dict:
         t0 = time.perf_counter()
         n_base = baseline_convert(root, Path(tmp) / "out" / "baseline.json")
         t_base = time.perf_counter() - t0
-        size_mb = os.path.getsize(Path(tmp) / "out" / "nih.json") / 2 ** 20
+        size_mb = os.path.getsize(Path(tmp) / "out" / "nih.json") / 2**20
     assert summary["total_images"] == n_base == n
     return {
         "rows": n,

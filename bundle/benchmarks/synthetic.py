@@ -5,6 +5,7 @@ with PIL, i.e. the cost of just storing that many images. ``ratio_vs_noise_png``
 baseline time (how many "plain image writes" one synthetic image with its masks costs). Goal:
 >= 100 images/s per core for site A (issue 2).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,13 @@ def run(quick: bool = False) -> dict:
     root = tempfile.mkdtemp(prefix="bench_synthetic_")
     try:
         # warm-up (imports, caches) outside the timed region
-        S.generate(os.path.join(root, "warm"), 0, S.SyntheticParams(n_train=8, n_val=0, n_test=0, n_ood=2),
-                   workers=1, progress=False)
+        S.generate(
+            os.path.join(root, "warm"),
+            0,
+            S.SyntheticParams(n_train=8, n_val=0, n_test=0, n_ood=2),
+            workers=1,
+            progress=False,
+        )
         pa = S.SyntheticParams(n_train=n_a, n_val=0, n_test=0, n_ood=0)
         t0 = time.perf_counter()
         S.generate(os.path.join(root, "a"), 0, pa, workers=1, progress=False)

@@ -5,6 +5,7 @@ in the same split / the same subsample, so no patient leaks between training and
 Randomness comes from a seeded ``numpy.random.Generator`` over the *sorted* patient ids, so results
 depend only on the seed and the set of patients, not on record order.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -54,12 +55,12 @@ def patient_split(
     n = len(order)
     bounds = np.round(np.cumsum([f / total for f in fractions.values()]) * n).astype(int)
     assign, start = {}, 0
-    for name, end in zip(fractions, bounds):
+    for name, end in zip(fractions, bounds, strict=False):
         for p in order[start:end]:
             assign[p] = name
         start = end
     out: dict[str, list] = {name: [] for name in fractions}
-    for rec, p in zip(records, pids):
+    for rec, p in zip(records, pids, strict=False):
         out[assign[p]].append(rec)
     return out
 
@@ -80,4 +81,4 @@ def nested_patient_subset(records: Sequence[Mapping], ratio: float, seed: int = 
 def subsample_patients(records: Sequence[Mapping], ratio: float, seed: int = 0, key: str = "patient_id") -> list:
     """The records of a seeded, nested ``ratio`` share of the patients (the training data ratio knob)."""
     mask = nested_patient_subset(records, ratio, seed, key)
-    return [r for r, m in zip(records, mask) if m]
+    return [r for r, m in zip(records, mask, strict=False) if m]

@@ -12,6 +12,7 @@ Labels: nodule_mass = 1 for JPCLN*, 0 for JPCNN*; pleural_effusion and edema are
 Attention: ``point_radius`` [x, y, r] with the nodule centre (x = column, y = row) in the 2048x2048 frame and
 r = size_mm / 2 / 0.175 pixels. One image per patient: patient_id = file stem; view PA.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     ConversionReport,
     age_list,
     find_file,
     parse_age,
     parse_sex,
 )
+from bundle.data.converters.registry import Converter
 
 NAME = "jsrt"
 FRAME = [2048, 2048]
@@ -53,12 +55,14 @@ def _read(path: Path, min_fields: int, report: ConversionReport) -> list[tuple[i
             if not re.match(r"^JPC[LN]N\d+", fields[0], re.IGNORECASE):
                 if ln == 1:  # a header line someone added
                     continue
-                report.add_rows("line not starting with a JPCLN/JPCNN file name", path, [ln], [line.strip()[:60]],
-                                "line skipped")
+                report.add_rows(
+                    "line not starting with a JPCLN/JPCNN file name", path, [ln], [line.strip()[:60]], "line skipped"
+                )
                 continue
             if len(fields) < min_fields:
-                report.add_rows(f"line with fewer than {min_fields} fields", path, [ln], [line.strip()[:60]],
-                                "line skipped")
+                report.add_rows(
+                    f"line with fewer than {min_fields} fields", path, [ln], [line.strip()[:60]], "line skipped"
+                )
                 continue
             rows.append((ln, fields))
     return rows
@@ -78,10 +82,14 @@ def _image_index(root: Path) -> dict[str, str]:
 def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> tuple[list[dict], ConversionReport]:
     root = Path(root).resolve()
     report = report or ConversionReport(NAME)
-    cln = find_file(root, ["CLNDAT_EN.txt", "CLNDAT*.txt", "*/CLNDAT_EN.txt", "*/CLNDAT*.txt"],
-                    "the JSRT nodule list CLNDAT_EN.txt")
-    cnn = find_file(root, ["CNNDAT_EN.txt", "CNNDAT*.txt", "*/CNNDAT_EN.txt", "*/CNNDAT*.txt"],
-                    "the JSRT non-nodule list CNNDAT_EN.TXT")
+    cln = find_file(
+        root, ["CLNDAT_EN.txt", "CLNDAT*.txt", "*/CLNDAT_EN.txt", "*/CLNDAT*.txt"], "the JSRT nodule list CLNDAT_EN.txt"
+    )
+    cnn = find_file(
+        root,
+        ["CNNDAT_EN.txt", "CNNDAT*.txt", "*/CNNDAT_EN.txt", "*/CNNDAT*.txt"],
+        "the JSRT non-nodule list CNNDAT_EN.TXT",
+    )
     report.files.update(nodules=str(cln), non_nodules=str(cnn))
     rows = []  # (file, line, name, age, sex, label, x, y, size)
     for ln, f in _read(cln, 7, report):
@@ -93,8 +101,12 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     df["name"] = upper.where(upper.str.endswith(".IMG"), upper + ".IMG")
     dup = df["name"].duplicated().to_numpy()
     if dup.any():
-        report.add("duplicated file name in the lists", int(dup.sum()), df.loc[dup, "name"].tolist()[:5],
-                   "first occurrence kept")
+        report.add(
+            "duplicated file name in the lists",
+            int(dup.sum()),
+            df.loc[dup, "name"].tolist()[:5],
+            "first occurrence kept",
+        )
         df = df.loc[~dup].reset_index(drop=True)
     age = np.full(len(df), np.nan)
     for f in (cln, cnn):
@@ -105,19 +117,42 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     num = df[["x", "y", "size"]].apply(pd.to_numeric, errors="coerce")
     bad = (df["nm"] == 1).to_numpy() & (num.isna().any(axis=1) | (num["size"] <= 0)).to_numpy()
     if bad.any():
-        report.add_rows("nodule with unparsable x, y or size", cln, df.loc[bad, "line"].to_numpy(),
-                        df.loc[bad, ["x", "y", "size"]].astype(str).agg(",".join, axis=1).tolist(),
-                        "label kept, no attention")
+        report.add_rows(
+            "nodule with unparsable x, y or size",
+            cln,
+            df.loc[bad, "line"].to_numpy(),
+            df.loc[bad, ["x", "y", "size"]].astype(str).agg(",".join, axis=1).tolist(),
+            "label kept, no attention",
+        )
     index = _image_index(root)
     if not index:
         report.note("no *.IMG files found under --root: paths point to <root>/<name>")
     recs = []
-    for i, (name, nm, s, a) in enumerate(zip(df["name"], df["nm"], sex, age_list(age))):
+    for i, (name, nm, s, a) in enumerate(zip(df["name"], df["nm"], sex, age_list(age), strict=False)):
         att = []
         if nm == 1 and not bad[i]:
             x, y, size = num.iloc[i]
-            att = [{"class": "nodule_mass", "type": "point_radius",
-                    "coords": [float(x), float(y), round(float(size) / 2 / MM_PER_PIXEL, 3)], "frame": FRAME}]
-        recs.append({"image": index.get(name, str(root / name)), "label": [int(nm), -1, -1], "attention": att,
-                     "sex": s, "age": a, "patient_id": name[:-4], "dataset": NAME, "view": "PA"})
+            att = [
+                {
+                    "class": "nodule_mass",
+                    "type": "point_radius",
+                    "coords": [float(x), float(y), round(float(size) / 2 / MM_PER_PIXEL, 3)],
+                    "frame": FRAME,
+                }
+            ]
+        recs.append(
+            {
+                "image": index.get(name, str(root / name)),
+                "label": [int(nm), -1, -1],
+                "attention": att,
+                "sex": s,
+                "age": a,
+                "patient_id": name[:-4],
+                "dataset": NAME,
+                "view": "PA",
+            }
+        )
     return recs, report
+
+
+CONVERTERS = (Converter(NAME, convert, "JSRT (CLNDAT_EN.txt, CNNDAT_EN.txt, .IMG files)"),)

@@ -22,6 +22,7 @@ When a DICOM is absent, the record keeps its labels with sex/age unknown, and it
 without Columns x Rows their frame is unknown). VinDr has no patient
 identifier, so each image is its own patient (``patient_id`` = image_id).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     CLASSES,
     ConversionError,
     ConversionReport,
@@ -43,15 +44,28 @@ from bundle.data.convert_common import (
     parse_sex,
     read_csv,
 )
+from bundle.data.converters.registry import Converter, option
 
 NAME = "vindr"
 #: condition -> VinDr label/box class name
 LABEL_MAP = {"nodule_mass": "Nodule/Mass", "pleural_effusion": "Pleural effusion", "edema": "Edema"}
 #: Kaggle VinBigData class_id -> name (competition definition)
 KAGGLE_CLASSES = {
-    0: "Aortic enlargement", 1: "Atelectasis", 2: "Calcification", 3: "Cardiomegaly", 4: "Consolidation", 5: "ILD",
-    6: "Infiltration", 7: "Lung Opacity", 8: "Nodule/Mass", 9: "Other lesion", 10: "Pleural effusion",
-    11: "Pleural thickening", 12: "Pneumothorax", 13: "Pulmonary fibrosis", 14: "No finding",
+    0: "Aortic enlargement",
+    1: "Atelectasis",
+    2: "Calcification",
+    3: "Cardiomegaly",
+    4: "Consolidation",
+    5: "ILD",
+    6: "Infiltration",
+    7: "Lung Opacity",
+    8: "Nodule/Mass",
+    9: "Other lesion",
+    10: "Pleural effusion",
+    11: "Pleural thickening",
+    12: "Pneumothorax",
+    13: "Pulmonary fibrosis",
+    14: "No finding",
 }
 BOX_COLUMNS = {"image_id": [], "rad_id": [], "class_name": [], "x_min": [], "y_min": [], "x_max": [], "y_max": []}
 _DICOM_TAGS = ["PatientSex", "PatientAge", "Rows", "Columns", "ViewPosition"]
@@ -77,8 +91,9 @@ def read_headers(paths: list[Path], report: ConversionReport) -> pd.DataFrame:
             continue
         try:
             ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=_DICOM_TAGS)
-            rows.append((ds.get("PatientSex"), ds.get("PatientAge"), ds.get("Rows"), ds.get("Columns"),
-                         ds.get("ViewPosition")))
+            rows.append(
+                (ds.get("PatientSex"), ds.get("PatientAge"), ds.get("Rows"), ds.get("Columns"), ds.get("ViewPosition"))
+            )
         except Exception as e:  # noqa: BLE001 - any unreadable header is reported, not fatal
             bad.append({"file": str(p), "error": f"{type(e).__name__}: {e}"[:160]})
             rows.append((None, None, None, None, None))
@@ -115,8 +130,9 @@ def _clean_boxes(df, lines, path, report):
     df[["x_min", "y_min", "x_max", "y_max"]] = xyxy
     keep = ~bad
     df, lines = df.loc[keep].reset_index(drop=True), lines[keep]
-    df, lines = drop_duplicates(df, ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
-                                report, path, lines)
+    df, lines = drop_duplicates(
+        df, ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"], report, path, lines
+    )
     return df
 
 
@@ -138,8 +154,13 @@ def _physionet(root: Path, ann: Path, report: ConversionReport, aggregate: str):
         vals = df[cols].apply(pd.to_numeric, errors="coerce")
         bad = ~vals.isin([0, 1]).all(axis=1).to_numpy()
         if bad.any():
-            report.add_rows("unparsable 0/1 label", p, lines[bad], df.loc[bad, cols].astype(str).agg(",".join, axis=1),
-                            "reader row dropped")
+            report.add_rows(
+                "unparsable 0/1 label",
+                p,
+                lines[bad],
+                df.loc[bad, cols].astype(str).agg(",".join, axis=1),
+                "reader row dropped",
+            )
         df = df.loc[~bad].copy()
         df[cols] = vals.loc[~bad].astype(np.int8)
         df, _ = drop_duplicates(df, ["image_id", "rad_id"], report, p, lines[~bad])
@@ -156,8 +177,12 @@ def _physionet(root: Path, ann: Path, report: ConversionReport, aggregate: str):
     lab = pd.concat(labels)
     dup = lab.index.duplicated()
     if dup.any():
-        report.add("image in both train and test label files", int(dup.sum()), lab.index[dup].tolist()[:5],
-                   "train occurrence kept")
+        report.add(
+            "image in both train and test label files",
+            int(dup.sum()),
+            lab.index[dup].tolist()[:5],
+            "train occurrence kept",
+        )
         lab = lab.loc[~dup]
     box = pd.concat(boxes, ignore_index=True) if boxes else pd.DataFrame(columns=[*BOX_COLUMNS, "split"])
     lab_arr = np.stack([lab[LABEL_MAP[c]].to_numpy() for c in CLASSES], axis=1).astype(np.int8)
@@ -166,8 +191,16 @@ def _physionet(root: Path, ann: Path, report: ConversionReport, aggregate: str):
 
 def _kaggle(root: Path, path: Path, report: ConversionReport, aggregate: str):
     df = read_csv(path)
-    spec = {"image_id": [], "rad_id": [], "class_id": [], "x_min": [], "y_min": [], "x_max": [], "y_max": [],
-            "class_name": []}
+    spec = {
+        "image_id": [],
+        "rad_id": [],
+        "class_id": [],
+        "x_min": [],
+        "y_min": [],
+        "x_max": [],
+        "y_max": [],
+        "class_name": [],
+    }
     df = match_columns(df, spec, path, optional=["class_id", "class_name"])
     if "class_id" not in df and "class_name" not in df:
         raise ConversionError(f"{path}: needs a 'class_id' (0..14) or 'class_name' column; found {list(df.columns)}")
@@ -188,8 +221,12 @@ def _kaggle(root: Path, path: Path, report: ConversionReport, aggregate: str):
     # labels from the rows (every kept row, including those whose box was bad: the reader still said so)
     df["one"] = 1
     names = [LABEL_MAP["nodule_mass"], LABEL_MAP["pleural_effusion"]]
-    marks = (df.pivot_table(index=["image_id", "rad_id"], columns="class_name", values="one", aggfunc="max")
-             .reindex(columns=names).fillna(0).reset_index())
+    marks = (
+        df.pivot_table(index=["image_id", "rad_id"], columns="class_name", values="one", aggfunc="max")
+        .reindex(columns=names)
+        .fillna(0)
+        .reset_index()
+    )
     agg = _aggregate(marks, names, aggregate)
     ids = agg.index.to_numpy()
     lab = np.stack([agg[names[0]].to_numpy(), agg[names[1]].to_numpy(), np.full(len(agg), -1)], 1).astype(np.int8)
@@ -197,8 +234,9 @@ def _kaggle(root: Path, path: Path, report: ConversionReport, aggregate: str):
     return ids, np.full(len(ids), "train", dtype=object), lab, box
 
 
-def convert(root: str | os.PathLike, report: ConversionReport | None = None,
-            aggregate: str = "any") -> tuple[list[dict], ConversionReport]:
+def convert(
+    root: str | os.PathLike, report: ConversionReport | None = None, aggregate: str = "any"
+) -> tuple[list[dict], ConversionReport]:
     """Records for every labelled image; ``aggregate`` = "any" | "majority" over the readers."""
     if aggregate not in ("any", "majority"):
         raise ConversionError(f"vindr: aggregate must be 'any' or 'majority', got {aggregate!r}")
@@ -214,26 +252,32 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None,
         report.note(f"Kaggle VinBigData train.csv; reader aggregation: {aggregate}")
         ids, split, labels, box = _kaggle(root, kaggle, report, aggregate)
     else:
-        find_file(root, ["annotations/image_labels_train.csv", "image_labels_train.csv", "train.csv"],
-                  "VinDr-CXR labels: annotations/image_labels_train.csv (PhysioNet) or train.csv (Kaggle VinBigData)")
+        find_file(
+            root,
+            ["annotations/image_labels_train.csv", "image_labels_train.csv", "train.csv"],
+            "VinDr-CXR labels: annotations/image_labels_train.csv (PhysioNet) or train.csv (Kaggle VinBigData)",
+        )
 
-    paths = [_dicom_path(root, s, i) for s, i in zip(split, ids)]
+    paths = [_dicom_path(root, s, i) for s, i in zip(split, ids, strict=False)]
     hdr = read_headers(paths, report)
     sex = parse_sex(hdr["sex"].astype("string"))
     age = parse_age(hdr["age"].astype("string"), report, "DICOM PatientAge", np.arange(len(ids)), column="PatientAge")
     view = hdr["view"].astype("string").str.strip().str.upper().replace("", pd.NA).fillna("unknown").tolist()
-    frame = {i: ([int(c), int(r)] if c is not None and r is not None else None)
-             for i, c, r in zip(ids, hdr["cols"], hdr["rows"])}
+    frame = {
+        i: ([int(c), int(r)] if c is not None and r is not None else None)
+        for i, c, r in zip(ids, hdr["cols"], hdr["rows"], strict=False)
+    }
 
     att: dict[str, list[dict]] = {}
     cls_of = {v.lower(): k for k, v in LABEL_MAP.items()}
     if len(box):
         box = box.assign(cls=box["class_name"].str.lower().map(cls_of)).dropna(subset=["cls"])
-        lab_of = dict(zip(ids, labels.tolist()))
+        lab_of = dict(zip(ids, labels.tolist(), strict=False))
         ci = {c: i for i, c in enumerate(CLASSES)}
         dropped = noframe = 0
-        for img, c, x0, y0, x1, y1 in zip(box["image_id"], box["cls"], box["x_min"], box["y_min"], box["x_max"],
-                                          box["y_max"]):
+        for img, c, x0, y0, x1, y1 in zip(
+            box["image_id"], box["cls"], box["x_min"], box["y_min"], box["x_max"], box["y_max"], strict=False
+        ):
             lab = lab_of.get(img)
             if lab is None or lab[ci[c]] != 1:
                 dropped += 1
@@ -241,17 +285,44 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None,
             if frame.get(img) is None:
                 noframe += 1
                 continue
-            att.setdefault(img, []).append({"class": c, "type": "bbox_xyxy",
-                                            "coords": [float(x0), float(y0), float(x1), float(y1)],
-                                            "frame": frame.get(img)})
-        report.add("box of an image whose DICOM header is unavailable (frame unknown)", noframe, [],
-                   "box dropped (labels kept); supply the DICOM to keep it")
+            att.setdefault(img, []).append(
+                {
+                    "class": c,
+                    "type": "bbox_xyxy",
+                    "coords": [float(x0), float(y0), float(x1), float(y1)],
+                    "frame": frame.get(img),
+                }
+            )
+        report.add(
+            "box of an image whose DICOM header is unavailable (frame unknown)",
+            noframe,
+            [],
+            "box dropped (labels kept); supply the DICOM to keep it",
+        )
         if dropped:
-            report.add("box on an image negative (or unlabelled) after reader aggregation", dropped, [],
-                       "box dropped")
+            report.add("box on an image negative (or unlabelled) after reader aggregation", dropped, [], "box dropped")
     recs = [
-        {"image": str(p), "label": lab, "attention": att.get(i, []), "sex": s, "age": a, "patient_id": str(i),
-         "dataset": NAME, "view": v, "split_source": sp}
-        for p, i, lab, s, a, v, sp in zip(paths, ids, labels.tolist(), sex, age_list(age), view, split)
+        {
+            "image": str(p),
+            "label": lab,
+            "attention": att.get(i, []),
+            "sex": s,
+            "age": a,
+            "patient_id": str(i),
+            "dataset": NAME,
+            "view": v,
+            "split_source": sp,
+        }
+        for p, i, lab, s, a, v, sp in zip(paths, ids, labels.tolist(), sex, age_list(age), view, split, strict=False)
     ]
     return recs, report
+
+
+CONVERTERS = (
+    Converter(
+        NAME,
+        convert,
+        "VinDr-CXR (PhysioNet annotations/ or Kaggle train.csv)",
+        options=(option("--aggregate", choices=["any", "majority"], default="any", help="reader aggregation"),),
+    ),
+)

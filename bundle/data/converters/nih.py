@@ -14,6 +14,7 @@ Labels: Nodule or Mass -> nodule_mass, Effusion -> pleural_effusion, Edema -> ed
 the reports and exhaustive, so an absent finding is 0 (negative), never unknown. Attention: boxes of Nodule,
 Mass and Effusion as ``bbox_xywh`` in the 1024x1024 PNG frame (there are no Edema boxes).
 """
+
 from __future__ import annotations
 
 import os
@@ -22,26 +23,41 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     CLASSES,
     ConversionError,
     ConversionReport,
     age_list,
     drop_duplicates,
-    require_key,
     file_lines,
     find_file,
     match_columns,
     parse_age,
     parse_sex,
     read_csv,
+    require_key,
 )
+from bundle.data.converters.registry import Converter
 
 NAME = "nih"
 FRAME = [1024, 1024]
 FINDINGS = {
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
-    "Infiltration", "Infiltrate", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax", "No Finding",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Infiltrate",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+    "No Finding",
 }
 #: condition -> NIH finding names that make it positive
 LABEL_MAP = {"nodule_mass": ("Nodule", "Mass"), "pleural_effusion": ("Effusion",), "edema": ("Edema",)}
@@ -56,8 +72,14 @@ ENTRY_COLUMNS = {
     "sex": ["Patient Gender", "Patient Sex"],
     "view": ["View Position"],
 }
-ENTRY_FILES = ["Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "Data_Entry_2017*.csv", "Data_Entry*.csv",
-               "*/Data_Entry_2017_v2020.csv", "*/Data_Entry_2017*.csv"]
+ENTRY_FILES = [
+    "Data_Entry_2017_v2020.csv",
+    "Data_Entry_2017.csv",
+    "Data_Entry_2017*.csv",
+    "Data_Entry*.csv",
+    "*/Data_Entry_2017_v2020.csv",
+    "*/Data_Entry_2017*.csv",
+]
 
 
 def _image_index(root: Path) -> dict[str, str]:
@@ -92,7 +114,7 @@ def read_boxes(path: Path, report: ConversionReport) -> pd.DataFrame:
     first = str(raw.columns[0]).strip().lower()
     if first != "image index":
         raise ConversionError(
-            f"{path}: first column must be 'Image Index', found '{raw.columns[0]}' (columns: "
+            f"{path}: first column must be 'Image Index', found {str(raw.columns[0])!r} (columns: "
             f"{list(map(str, raw.columns))}). Fix: use BBox_List_2017.csv as distributed, header included."
         )
     df = raw.iloc[:, :6].copy()
@@ -101,16 +123,20 @@ def read_boxes(path: Path, report: ConversionReport) -> pd.DataFrame:
     df["image"] = df["image"].str.strip()
     df["finding"] = df["finding"].str.strip()
     xywh = df[["x", "y", "w", "h"]].apply(pd.to_numeric, errors="coerce")
-    bad = (xywh.isna().any(axis=1).to_numpy() | (xywh[["w", "h"]] <= 0).any(axis=1).to_numpy()
-           | df["image"].isna().to_numpy())
+    bad = (
+        xywh.isna().any(axis=1).to_numpy()
+        | (xywh[["w", "h"]] <= 0).any(axis=1).to_numpy()
+        | df["image"].isna().to_numpy()
+    )
     if bad.any():
         vals = df.loc[bad, ["x", "y", "w", "h"]].astype(str).agg(",".join, axis=1).tolist()
         report.add_rows("unparsable box", path, lines[bad], vals, "box dropped")
     df[["x", "y", "w", "h"]] = xywh
     df["line"] = lines
     df = df.loc[~bad].reset_index(drop=True)
-    df, _ = drop_duplicates(df.drop(columns="line"), ["image", "finding", "x", "y", "w", "h"], report, path,
-                            df["line"].to_numpy())
+    df, _ = drop_duplicates(
+        df.drop(columns="line"), ["image", "finding", "x", "y", "w", "h"], report, path, df["line"].to_numpy()
+    )
     return df
 
 
@@ -131,8 +157,13 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     unknown = [c for c in onehot.columns if c not in FINDINGS]
     if unknown:
         m = onehot[unknown].any(axis=1).to_numpy()
-        report.add_rows(f"unknown finding label(s) {sorted(unknown)[:10]}", entry_path, lines[m],
-                        findings[m].tolist(), "token ignored, other labels kept")
+        report.add_rows(
+            f"unknown finding label(s) {sorted(unknown)[:10]}",
+            entry_path,
+            lines[m],
+            findings[m].tolist(),
+            "token ignored, other labels kept",
+        )
     empty = (findings == "").to_numpy()
     labels = np.zeros((len(df), len(CLASSES)), dtype=np.int8)
     for ci, c in enumerate(CLASSES):
@@ -152,8 +183,13 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     if missing_pid.any():
         from_name = df["image"].str.extract(r"^(\d+)_")[0]
         fallback = pd.to_numeric(from_name, errors="coerce").astype("Int64").astype("string")
-        report.add_rows("missing Patient ID", entry_path, lines[missing_pid], df.loc[missing_pid, "image"].tolist(),
-                        "taken from the image name prefix")
+        report.add_rows(
+            "missing Patient ID",
+            entry_path,
+            lines[missing_pid],
+            df.loc[missing_pid, "image"].tolist(),
+            "taken from the image name prefix",
+        )
         pid = pid.fillna(fallback).fillna(df["image"])
     view = df["view"].fillna("unknown").str.strip().str.upper()
 
@@ -170,12 +206,22 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
         split = np.where(in_te, "test", np.where(in_tv, "train_val", None))
         both = in_te & in_tv
         if both.any():
-            report.add_rows("image in both train_val_list and test_list", entry_path, lines[both],
-                            df.loc[both, "image"].tolist(), "kept in test")
+            report.add_rows(
+                "image in both train_val_list and test_list",
+                entry_path,
+                lines[both],
+                df.loc[both, "image"].tolist(),
+                "kept in test",
+            )
         neither = ~in_te & ~in_tv
         if neither.any():
-            report.add_rows("image in neither official list", entry_path, lines[neither],
-                            df.loc[neither, "image"].tolist(), "split by patient with the training pool")
+            report.add_rows(
+                "image in neither official list",
+                entry_path,
+                lines[neither],
+                df.loc[neither, "image"].tolist(),
+                "split by patient with the training pool",
+            )
 
     # boxes
     att: dict[str, list[dict]] = {}
@@ -188,23 +234,36 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
         table_images = set(df["image"].tolist())
         known = np.array([i in table_images for i in boxes["image"].tolist()], dtype=bool)
         if (~known).any():
-            report.add("box for an image not in the label table", int((~known).sum()),
-                       boxes.loc[~known, "image"].tolist()[:5], "box dropped", file=box_path.name)
+            report.add(
+                "box for an image not in the label table",
+                int((~known).sum()),
+                boxes.loc[~known, "image"].tolist()[:5],
+                "box dropped",
+                file=box_path.name,
+            )
         boxes = boxes.loc[known]
         cls = boxes["finding"].map(BOX_MAP)
         other = cls.isna()
         if other.any():
-            report.note(f"{int(other.sum())} boxes of findings that are not conditions here ignored "
-                        f"({sorted(boxes.loc[other, 'finding'].unique().tolist())})")
+            report.note(
+                f"{int(other.sum())} boxes of findings that are not conditions here ignored "
+                f"({sorted(boxes.loc[other, 'finding'].unique().tolist())})"
+            )
         boxes = boxes.loc[~other].assign(cls=cls[~other])
-        lab_of = dict(zip(df["image"], map(tuple, labels)))
+        lab_of = dict(zip(df["image"], map(tuple, labels), strict=False))
         ci = boxes["cls"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
-        inconsistent = np.array([lab_of[i][c] != 1 for i, c in zip(boxes["image"], ci)], dtype=bool)
+        inconsistent = np.array([lab_of[i][c] != 1 for i, c in zip(boxes["image"], ci, strict=False)], dtype=bool)
         if inconsistent.any():
-            report.add("box whose finding is absent from the image's Finding Labels", int(inconsistent.sum()),
-                       boxes.loc[inconsistent, ["image", "finding"]].astype(str).agg(":".join, axis=1).tolist()[:5],
-                       "box kept (training uses attention of positive labels only)", file=box_path.name)
-        for img, c, x, y, w, h in zip(boxes["image"], boxes["cls"], boxes["x"], boxes["y"], boxes["w"], boxes["h"]):
+            report.add(
+                "box whose finding is absent from the image's Finding Labels",
+                int(inconsistent.sum()),
+                boxes.loc[inconsistent, ["image", "finding"]].astype(str).agg(":".join, axis=1).tolist()[:5],
+                "box kept (training uses attention of positive labels only)",
+                file=box_path.name,
+            )
+        for img, c, x, y, w, h in zip(
+            boxes["image"], boxes["cls"], boxes["x"], boxes["y"], boxes["w"], boxes["h"], strict=False
+        ):
             att.setdefault(img, []).append(
                 {"class": c, "type": "bbox_xywh", "coords": [float(x), float(y), float(w), float(h)], "frame": FRAME}
             )
@@ -213,17 +272,38 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     if not index:
         report.note("no image folders (images_*/images or images/) found: paths point to images/<name>")
     elif len(index) < len(df):
-        report.note(f"{sum(i not in index for i in df['image'].tolist())} images of the table are not on disk "
-                    f"(use --check-images to leave them out)")
+        report.note(
+            f"{sum(i not in index for i in df['image'].tolist())} images of the table are not on disk "
+            f"(use --check-images to leave them out)"
+        )
     flat = str(root / "images")
     names = df["image"].to_numpy(dtype=object)  # iterate numpy objects: iterating arrow strings is ~10x slower
     paths = [index.get(i) or f"{flat}/{i}" for i in names]
     recs = [
-        {"image": p, "label": lab, "attention": att.get(img, []), "sex": s, "age": a, "patient_id": pi,
-         "dataset": NAME, "view": v, "split_source": sp}
+        {
+            "image": p,
+            "label": lab,
+            "attention": att.get(img, []),
+            "sex": s,
+            "age": a,
+            "patient_id": pi,
+            "dataset": NAME,
+            "view": v,
+            "split_source": sp,
+        }
         for p, img, lab, s, a, pi, v, sp in zip(
-            paths, names, labels.tolist(), sex, age_list(age), pid.to_numpy(dtype=object), view.to_numpy(dtype=object),
-            split.tolist()
+            paths,
+            names,
+            labels.tolist(),
+            sex,
+            age_list(age),
+            pid.to_numpy(dtype=object),
+            view.to_numpy(dtype=object),
+            split.tolist(),
+            strict=False,
         )
     ]
     return recs, report
+
+
+CONVERTERS = (Converter(NAME, convert, "NIH ChestX-ray14 (Data_Entry_2017*.csv, BBox_List_2017.csv)"),)

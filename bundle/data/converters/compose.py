@@ -16,31 +16,32 @@ the out-of-domain test datasets and the classes:
 
 Rules (why): patient ids are prefixed with the dataset name ("nih:123"), because ids of different datasets
 collide; every training dataset is re-split by patient on its own (seeded; official validation/test splits
-kept, see ``convert_common.assign_splits``), so no patient crosses splits and every source appears in
+kept, see ``common.assign_splits``), so no patient crosses splits and every source appears in
 every split; labels and attention are re-indexed to ``classes`` (``rename`` maps a dataset's class names);
 records whose labels are all unknown for the selected classes carry no training signal and are dropped
 (counted; ``keep_unlabelled: true`` keeps them); ``dataset`` stays on every record so fairness can be cut by
 source. OOD datasets go whole (or ``from_splits``) into their own split (default ``test_ood``).
 """
+
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     CLASSES,
     ConversionError,
     ConversionReport,
     assign_splits,
     check_images,
     select_classes,
-    summary_path,
+    write_datalist,
 )
-from bundle.data.datalist import format_summary, save, summarize, write_json_atomic
+from bundle.data.converters.registry import Command, add_output_arguments
+from bundle.data.datalist import load as load_datalist
 
-__all__ = ["compose", "compose_datalists", "load_config"]
+__all__ = ["COMMAND", "compose", "compose_datalists", "load_config"]
 
 _META_KEYS = {"name", "classes", "description", "metadata"}
 
@@ -54,22 +55,20 @@ def load_config(path: str | os.PathLike) -> dict:
     except (OSError, yaml.YAMLError) as e:
         raise ConversionError(f"{path}: cannot read the composition config ({e})") from e
     if not isinstance(cfg, dict) or not cfg.get("train") and not cfg.get("ood"):
-        raise ConversionError(f"{path}: a composition config needs a 'train' and/or 'ood' list of "
-                              "{dataset: <name>, datalist: <path>} entries (see configs/datasets/edema.yaml)")
+        raise ConversionError(
+            f"{path}: a composition config needs a 'train' and/or 'ood' list of "
+            "{dataset: <name>, datalist: <path>} entries (see configs/datasets/edema.yaml)"
+        )
     return cfg
 
 
 def _read_datalist(path: Path) -> dict:
     if not path.is_file():
-        raise ConversionError(f"datalist {path} not found. Fix: create it first with "
-                              f"`python scripts/prepare_data.py <dataset> --root ... --out {path}`")
-    try:
-        from bundle.data import datalist as dl  # noqa: PLC0415
-
-        return dl.load(path)
-    except ImportError:
-        with open(path) as f:
-            return json.load(f)
+        raise ConversionError(
+            f"datalist {path} not found. Fix: create it first with "
+            f"`python scripts/prepare_data.py <dataset> --root ... --out {path}`"
+        )
+    return load_datalist(path)
 
 
 def _records(entry: Mapping, data_root: Path, classes: list[str], report: ConversionReport, keep_unlabelled: bool):
@@ -81,7 +80,7 @@ def _records(entry: Mapping, data_root: Path, classes: list[str], report: Conver
     dl = _read_datalist(path)
     base = path.resolve().parent
     src_classes = list(dl.get("classes", CLASSES))
-    want = [s for s in entry.get("from_splits", []) or []]
+    want = list(entry.get("from_splits", []) or [])
     out = []
     for split, recs in dl.items():
         if split in _META_KEYS or not isinstance(recs, list) or (want and split not in want):
@@ -120,8 +119,14 @@ def compose_datalists(cfg: Mapping, data_root: str | os.PathLike = ".", report: 
     out: dict = {"name": cfg.get("name", "composed"), "classes": classes, "training": [], "validation": [], "test": []}
     for entry in cfg.get("train") or []:
         name, recs = _records(entry, data_root, classes, report, keep_unl)
-        parts = assign_splits(recs, float(entry.get("val_fraction", val)), float(entry.get("test_fraction", test)),
-                              seed, report, respect_official=bool(entry.get("respect_official", True)))
+        parts = assign_splits(
+            recs,
+            float(entry.get("val_fraction", val)),
+            float(entry.get("test_fraction", test)),
+            seed,
+            report,
+            respect_official=bool(entry.get("respect_official", True)),
+        )
         for split, rs in parts.items():
             out[split].extend(rs)
     for entry in cfg.get("ood") or []:
@@ -134,13 +139,21 @@ def compose_datalists(cfg: Mapping, data_root: str | os.PathLike = ".", report: 
         for r in recs:
             prev = seen.setdefault(r["patient_id"], split)
             if prev != split:
-                raise ConversionError(f"patient {r['patient_id']} is in both '{prev}' and '{split}': the same dataset "
-                                      "is listed twice (train and ood?). Fix the composition config.")
+                raise ConversionError(
+                    f"patient {r['patient_id']} is in both {prev!r} and {split!r}: the same dataset "
+                    "is listed twice (train and ood?). Fix the composition config."
+                )
     return {k: v for k, v in out.items() if k in _META_KEYS or v}
 
 
-def compose(config: str | os.PathLike | Mapping, out: str | os.PathLike, data_root: str | os.PathLike | None = None,
-            check: bool = False, absolute_paths: bool = False, verbose: bool = True) -> tuple[dict, dict]:
+def compose(
+    config: str | os.PathLike | Mapping,
+    out: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    check: bool = False,
+    absolute_paths: bool = False,
+    verbose: bool = True,
+) -> tuple[dict, dict]:
     """Compose, write ``out`` (+ ``<stem>.summary.json``). Config paths are relative to ``data_root`` (default:
     the config's ``data_root`` key, else the current directory). Returns (datalist, summary)."""
     cfg = load_config(config) if not isinstance(config, Mapping) else dict(config)
@@ -156,10 +169,20 @@ def compose(config: str | os.PathLike | Mapping, out: str | os.PathLike, data_ro
         if not absolute_paths:
             for r in recs:
                 r["image"] = os.path.relpath(r["image"], outp.parent)
-    save(dl, outp, indent=None)
-    summary = summarize(dl, report=report)
-    write_json_atomic(summary, summary_path(outp), indent=2)
-    if verbose:
-        print(format_summary(summary))
-        print(f"wrote {outp} and {summary_path(outp)}")
-    return dl, summary
+    return dl, write_datalist(dl, outp, report, verbose=verbose)
+
+
+def _add_arguments(parser):
+    parser.add_argument("--config", help="the composition YAML (configs/datasets/*.yaml)")
+    parser.add_argument("--data-root", default=None, help="folder the config's datalist paths are relative to")
+    add_output_arguments(parser)
+
+
+def _run(args, parser):
+    if not args.config:
+        parser.error("compose needs --config configs/datasets/<condition>.yaml")
+    return compose(args.config, args.out, data_root=args.data_root, check=args.check_images)
+
+
+#: ``prepare_data.py compose --config configs/datasets/<condition>.yaml --out ...``
+COMMAND = Command("compose", "compose per-dataset datalists into one condition's datalist", _add_arguments, _run)

@@ -1,4 +1,4 @@
-"""Shared machinery of the dataset converters (bundle.data.<dataset>).
+"""Shared machinery of the dataset converters (bundle.data.converters.<dataset>).
 
 Every converter reads the files of one public chest X-ray dataset exactly as distributed, maps its findings to
 the bundle's conditions, and hands a list of datalist records to :func:`finalize`, which splits by patient,
@@ -13,11 +13,15 @@ What lives here and why:
   known variants (``Patient Gender`` / ``Patient Sex``, ``LabelCUIS`` / ``labelCUIS``) read the same.
 - vectorised parsers for ages, sexes and tri-state labels (pandas, no per-row Python): the full NIH table
   must convert in seconds. Sex and age *semantics* are bundle.demographics' (sex_label, AGE_PATTERN,
-  AGE_MIN/AGE_MAX); these add the bad-row reporting. Summaries and the atomic JSON writer are
-  bundle.data.datalist's (summarize, format_summary, write_json_atomic, save).
+  AGE_MIN/AGE_MAX); these add the bad-row reporting. Summaries and writing are bundle.data.datalist's
+  (summarize, format_summary, save); :func:`write_datalist` writes a datalist and its summary.
+- the converters' command-line options and :func:`~bundle.data.converters.registry.prepare` are in
+  :mod:`bundle.data.converters.registry`.
 """
+
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,9 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bundle.data.datalist import AGE_BINS, format_summary, save, summarize, write_json_atomic
+from bundle.data.datalist import AGE_BINS, format_summary, save, strict_json_default, summarize
 from bundle.data.splits import patient_split
 from bundle.demographics import AGE_MAX, AGE_MIN, AGE_PATTERN, AGE_UNIT_YEARS, sex_labels
+from bundle.utils.atomic import write_json_atomic
 
 __all__ = [
     "CLASSES",
@@ -39,6 +44,7 @@ __all__ = [
     "find_file",
     "find_files",
     "read_csv",
+    "read_json_file",
     "match_columns",
     "file_lines",
     "parse_age",
@@ -48,9 +54,11 @@ __all__ = [
     "require_key",
     "assign_splits",
     "select_classes",
-    "write_json_atomic",
     "check_images",
     "finalize",
+    "write_datalist",
+    "summary_path",
+    "age_list",
 ]
 
 #: The bundle's conditions, in label-vector order.
@@ -94,7 +102,7 @@ class ConversionReport:
         values = list(values) if len(values) else [None] * len(lines)
         ex = [
             {"line": int(ln), "value": (None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))}
-            for ln, v in zip(lines[:MAX_EXAMPLES], values[:MAX_EXAMPLES])
+            for ln, v in zip(lines[:MAX_EXAMPLES], values[:MAX_EXAMPLES], strict=False)
         ]
         self.add(kind, len(lines), ex, action, file=os.path.basename(str(file)))
 
@@ -176,8 +184,17 @@ def read_csv(path: str | os.PathLike, **kw) -> pd.DataFrame:
     kw.setdefault("na_values", ["", "nan", "NaN"])
     try:
         return pd.read_csv(path, **kw)
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
+    except (pd.errors.ParserError, ValueError, OSError) as e:  # UnicodeDecodeError is a ValueError
         raise ConversionError(f"{path}: cannot be read as a table ({e}). Fix: supply the file as distributed.") from e
+
+
+def read_json_file(path: str | os.PathLike, what: str):
+    """The JSON in ``path``; a :class:`ConversionError` naming the file and ``what`` it should be if unreadable."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not readable JSON ({e}). Fix: use the {what} file as distributed.") from e
 
 
 def _norm(name: str) -> str:
@@ -208,7 +225,7 @@ def match_columns(
             continue
         rename[hit] = canon
     if missing:
-        what = "; ".join(f"'{c}' (accepted: {', '.join(map(repr, [c, *a]))})" for c, a in missing)
+        what = "; ".join(f"{c!r} (accepted: {', '.join(map(repr, [c, *a]))})" for c, a in missing)
         raise ConversionError(
             f"{path}: required column {what} not found. Columns found: {list(map(str, df.columns))}. "
             f"Fix: use the file as distributed, or rename the column to one of the accepted names."
@@ -254,14 +271,19 @@ def parse_age(
         impossible &= ~zero
         age[zero] = np.nan
     if impossible.any():
-        report.add_rows(f"impossible {column}", file, lines[impossible], s[impossible].tolist(),
-                        f"outside [{MIN_AGE:g}, {MAX_AGE:g}]: age set to unknown")
+        report.add_rows(
+            f"impossible {column}",
+            file,
+            lines[impossible],
+            s[impossible].tolist(),
+            f"outside [{MIN_AGE:g}, {MAX_AGE:g}]: age set to unknown",
+        )
         age[impossible] = np.nan
     return np.round(age, 2)
 
 
 def parse_sex(values: pd.Series) -> np.ndarray:
-    """"M"/"F"/"unknown" per row: :func:`bundle.demographics.sex_label` (M/Male/Man/1, F/Female/Woman/2, any
+    """ "M"/"F"/"unknown" per row: :func:`bundle.demographics.sex_label` (M/Male/Man/1, F/Female/Woman/2, any
     case), evaluated once per distinct value; anything else (O, Unknown, blank) is "unknown"."""
     return sex_labels(values)
 
@@ -281,7 +303,7 @@ def parse_tristate(
     ok = np.isin(num, (1.0, 0.0, -1.0))
     bad = ~ok & ~empty
     if bad.any():
-        report.add_rows(f"unparsable label '{column}'", file, lines[bad], s[bad].tolist(), "label set to -1")
+        report.add_rows(f"unparsable label {column!r}", file, lines[bad], s[bad].tolist(), "label set to -1")
     out = np.where(ok, num, np.where(empty, blank, -1))
     return out.astype(np.int8)
 
@@ -314,16 +336,26 @@ def drop_duplicates(df: pd.DataFrame, key: str | list[str], report: ConversionRe
         m = dup_key & exact
         report.add_rows("duplicated rows", file, lines[m], df.loc[m, keycol].tolist(), "exact copy dropped")
     if conflicting.any():
-        report.add_rows(f"conflicting rows for the same {key}", file, lines[conflicting],
-                        df.loc[conflicting, keycol].tolist(), "first occurrence kept, later ones dropped")
+        report.add_rows(
+            f"conflicting rows for the same {key}",
+            file,
+            lines[conflicting],
+            df.loc[conflicting, keycol].tolist(),
+            "first occurrence kept, later ones dropped",
+        )
     keep = ~dup_key
     return df.loc[keep].reset_index(drop=True), lines[keep]
 
 
 # ------------------------------------------------------------------------------------------------- splits
 #: official split names (as the datasets spell them) -> datalist split they are pinned to
-_FIXED = {"test": "test", "valid": "validation", "validate": "validation", "validation": "validation",
-          "val": "validation"}
+_FIXED = {
+    "test": "test",
+    "valid": "validation",
+    "validate": "validation",
+    "validation": "validation",
+    "val": "validation",
+}
 _FREE = {"train", "train_val", "training", "trainval"}
 
 
@@ -387,8 +419,9 @@ def assign_splits(
 
 
 # ------------------------------------------------------------------------------------------------ classes
-def select_classes(records: Iterable[dict], source: Sequence[str], target: Sequence[str],
-                   rename: Mapping[str, str] | None = None) -> list[dict]:
+def select_classes(
+    records: Iterable[dict], source: Sequence[str], target: Sequence[str], rename: Mapping[str, str] | None = None
+) -> list[dict]:
     """Re-index labels and attention from class list ``source`` to ``target`` (after optional renaming).
 
     A target class the source lacks gets label -1 (unknown) and no attention.
@@ -563,13 +596,21 @@ def finalize(
             if r.get("split_source") is None:
                 r.pop("split_source", None)
         datalist[split] = recs
+    return datalist, write_datalist(datalist, out, report, bins, verbose)
+
+
+def write_datalist(
+    datalist: dict, out: Path, report: ConversionReport, bins: Sequence[float] = AGE_BINS, verbose: bool = True
+) -> dict:
+    """Write ``datalist`` to ``out`` and its summary (with the report) to ``<out stem>.summary.json``, print
+    the summary when ``verbose``. Returns the summary. Both files are written strictly (NaN is an error)."""
     save(datalist, out, indent=None)  # one line: json's C encoder, ~1 s for the full NIH datalist
     summary = summarize(datalist, age_bins=bins, report=report)
-    write_json_atomic(summary, summary_path(out), indent=2)
+    write_json_atomic(summary_path(out), summary, indent=2, allow_nan=False, default=strict_json_default)
     if verbose:
         print(format_summary(summary))
         print(f"wrote {out} and {summary_path(out)}")
-    return datalist, summary
+    return summary
 
 
 def _relpath(path: str, base: Path, cache: dict) -> str:
@@ -587,10 +628,6 @@ def summary_path(out: str | os.PathLike) -> Path:
     return out.with_name(stem + ".summary.json")
 
 
-def none_if_nan(x):
-    return None if x is None or (isinstance(x, float) and np.isnan(x)) else x
-
-
 def age_list(age: np.ndarray) -> list:
     """Ages for JSON: None for unknown, int when whole (57, not 57.0)."""
     out = []
@@ -602,53 +639,3 @@ def age_list(age: np.ndarray) -> list:
         else:
             out.append(a)
     return out
-
-
-def attention_by_key(keys: Sequence, shapes: Sequence[dict]) -> dict:
-    """Group attention shapes by record key (one dict of lists; plain Python, it is a groupby of small lists)."""
-    out: dict = {}
-    for k, s in zip(keys, shapes):
-        out.setdefault(k, []).append(s)
-    return out
-
-
-#: CLI name -> (module, convert options it accepts)
-CONVERTERS = {
-    "nih": "bundle.data.nih",
-    "vindr": "bundle.data.vindr",
-    "chexpert": "bundle.data.chexpert",
-    "chexlocalize": "bundle.data.chexpert",
-    "mimic": "bundle.data.mimic",
-    "padchest": "bundle.data.padchest",
-    "jsrt": "bundle.data.jsrt",
-}
-
-
-def prepare(
-    dataset: str,
-    root: str | os.PathLike,
-    out: str | os.PathLike,
-    classes: Sequence[str] | None = None,
-    seed: int = 0,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.2,
-    check: bool = False,
-    absolute_paths: bool = False,
-    verbose: bool = True,
-    **options,
-) -> tuple[dict, dict]:
-    """Convert one dataset under ``root`` into the datalist ``out`` (+ summary). Returns (datalist, summary)."""
-    import importlib  # noqa: PLC0415
-
-    if dataset not in CONVERTERS:
-        raise ConversionError(f"unknown dataset '{dataset}'; choose one of {sorted(CONVERTERS)}")
-    mod = importlib.import_module(CONVERTERS[dataset])
-    fn = getattr(mod, "convert_chexlocalize") if dataset == "chexlocalize" else mod.convert
-    if classes:
-        bad = [c for c in classes if c not in CLASSES]
-        if bad:
-            raise ConversionError(f"--classes {bad} unknown; choose from {list(CLASSES)}")
-    records, report = fn(root, **options)
-    name = getattr(mod, "NAME", dataset) if dataset != "chexlocalize" else "chexlocalize"
-    return finalize(records, name, out, report, classes, seed, val_fraction, test_fraction, check,
-                    absolute_paths, verbose=verbose)

@@ -19,22 +19,21 @@ is the official split of the GR images. Without the main PadChest CSV, the GR re
 ``master_table.csv`` (ImageID, PatientID or StudyID, PatientSex_DICOM, PatientAge, split) with labels from its
 grounded findings.
 """
+
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     CLASSES,
     ConversionError,
     ConversionReport,
     age_list,
     drop_duplicates,
-    require_key,
     file_lines,
     find_file,
     find_files,
@@ -42,7 +41,10 @@ from bundle.data.convert_common import (
     parse_age,
     parse_sex,
     read_csv,
+    read_json_file,
+    require_key,
 )
+from bundle.data.converters.registry import Converter
 
 NAME = "padchest"
 #: condition -> PadChest label terms (exact, lower case) that make it positive
@@ -51,10 +53,29 @@ TERMS = {
     "pleural_effusion": frozenset({"pleural effusion", "loculated pleural effusion", "loculated fissural effusion"}),
     "edema": frozenset({"pulmonary edema", "edema"}),
 }
-COLUMNS = {"ImageID": [], "ImageDir": [], "StudyDate_DICOM": [], "StudyID": [], "PatientID": [], "PatientBirth": [],
-           "PatientSex_DICOM": [], "Projection": [], "Labels": [], "Rows_DICOM": [], "Columns_DICOM": []}
-OPTIONAL = ["ImageDir", "StudyDate_DICOM", "StudyID", "PatientBirth", "PatientSex_DICOM", "Projection",
-            "Rows_DICOM", "Columns_DICOM"]
+COLUMNS = {
+    "ImageID": [],
+    "ImageDir": [],
+    "StudyDate_DICOM": [],
+    "StudyID": [],
+    "PatientID": [],
+    "PatientBirth": [],
+    "PatientSex_DICOM": [],
+    "Projection": [],
+    "Labels": [],
+    "Rows_DICOM": [],
+    "Columns_DICOM": [],
+}
+OPTIONAL = [
+    "ImageDir",
+    "StudyDate_DICOM",
+    "StudyID",
+    "PatientBirth",
+    "PatientSex_DICOM",
+    "Projection",
+    "Rows_DICOM",
+    "Columns_DICOM",
+]
 
 
 def label_matrix(terms: pd.Series) -> np.ndarray:
@@ -77,10 +98,12 @@ def parse_label_lists(s: pd.Series, report: ConversionReport, file, lines: np.nd
     if missing.any():
         report.add_rows("missing Labels", file, lines[missing.to_numpy()], action="labels set to -1")
     if bad.any():
-        report.add_rows("unparsable Labels (not a ['...'] list)", file, lines[bad], st[bad].tolist(),
-                        "labels set to -1")
+        report.add_rows(
+            "unparsable Labels (not a ['...'] list)", file, lines[bad], st[bad].tolist(), "labels set to -1"
+        )
     terms = st.str.findall(r"'([^']*)'|\"([^\"]*)\"").map(
-        lambda xs: [a or b for a, b in xs] if isinstance(xs, list) else [], na_action="ignore")
+        lambda xs: [a or b for a, b in xs] if isinstance(xs, list) else [], na_action="ignore"
+    )
     return terms, missing.to_numpy() | bad
 
 
@@ -90,11 +113,7 @@ def _read_gr(root: Path, report: ConversionReport) -> tuple[dict, pd.DataFrame |
     if not jf:
         return {}, None
     report.files["padchest_gr"] = str(jf[-1])
-    try:
-        with open(jf[-1]) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{jf[-1]}: not readable JSON ({e}). Fix: use the PadChest-GR file as distributed.")
+    data = read_json_file(jf[-1], "PadChest-GR")
     if isinstance(data, dict):  # tolerate {ImageID: entry} as well as the documented list of entries
         data = [dict(v, ImageID=v.get("ImageID", k)) for k, v in data.items()]
     boxes: dict[str, list] = {}
@@ -123,9 +142,12 @@ def _read_gr(root: Path, report: ConversionReport) -> tuple[dict, pd.DataFrame |
     table = None
     if mt is not None:
         report.files["padchest_gr_master"] = str(mt)
-        table = match_columns(read_csv(mt), {"ImageID": [], "PatientID": [], "StudyID": [], "PatientSex_DICOM": [],
-                                             "PatientAge": [], "split": []}, mt,
-                              optional=["PatientID", "StudyID", "PatientSex_DICOM", "PatientAge", "split"])
+        table = match_columns(
+            read_csv(mt),
+            {"ImageID": [], "PatientID": [], "StudyID": [], "PatientSex_DICOM": [], "PatientAge": [], "split": []},
+            mt,
+            optional=["PatientID", "StudyID", "PatientSex_DICOM", "PatientAge", "split"],
+        )
         table["_lines"] = file_lines(table)
         table["_path"] = str(mt)
     return {"boxes": boxes, "labels": labels}, table
@@ -147,21 +169,38 @@ def _box_entries(items, frame, counter) -> list[dict]:
 
 def _gr_note(report: ConversionReport, counter: dict):
     report.note(f"PadChest-GR boxes: {counter['normalized']} normalised (0-1), {counter['pixels']} in pixels")
-    report.add("PadChest-GR box in pixels for an image of unknown size (no Rows/Columns_DICOM)",
-               counter["pixels_without_frame"], [], "box dropped")
+    report.add(
+        "PadChest-GR box in pixels for an image of unknown size (no Rows/Columns_DICOM)",
+        counter["pixels_without_frame"],
+        [],
+        "box dropped",
+    )
 
 
 def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> tuple[list[dict], ConversionReport]:
     root = Path(root).resolve()
     report = report or ConversionReport(NAME)
-    main = find_file(root, ["PADCHEST_chest_x_ray_images_labels_160K*.csv",
-                            "PADCHEST_chest_x_ray_images_labels_160K*.csv.gz",
-                            "PADCHEST*.csv", "PADCHEST*.csv.gz", "*/PADCHEST*.csv", "*/PADCHEST*.csv.gz"], "", False)
+    main = find_file(
+        root,
+        [
+            "PADCHEST_chest_x_ray_images_labels_160K*.csv",
+            "PADCHEST_chest_x_ray_images_labels_160K*.csv.gz",
+            "PADCHEST*.csv",
+            "PADCHEST*.csv.gz",
+            "*/PADCHEST*.csv",
+            "*/PADCHEST*.csv.gz",
+        ],
+        "",
+        False,
+    )
     gr, table = _read_gr(root, report)
     if main is None and table is None:
-        find_file(root, ["PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", "grounded_reports_*.json"],
-                  "the PadChest label table PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) or the "
-                  "PadChest-GR grounded_reports_*.json + master_table.csv")
+        find_file(
+            root,
+            ["PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", "grounded_reports_*.json"],
+            "the PadChest label table PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz) or the "
+            "PadChest-GR grounded_reports_*.json + master_table.csv",
+        )
     if main is None:
         return _convert_gr_only(root, gr, table, report)
     report.files["labels"] = str(main)
@@ -178,8 +217,9 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
         birth = pd.to_numeric(df["PatientBirth"], errors="coerce")
         bad = (birth.isna() & df["PatientBirth"].notna()).to_numpy()
         if bad.any():
-            report.add_rows("unparsable PatientBirth", main, lines[bad], df.loc[bad, "PatientBirth"].tolist(),
-                            "age unknown")
+            report.add_rows(
+                "unparsable PatientBirth", main, lines[bad], df.loc[bad, "PatientBirth"].tolist(), "age unknown"
+            )
         age = parse_age((year - birth).round(2).astype("string"), report, main, lines, column="age (study - birth)")
     else:
         report.note("StudyDate_DICOM or PatientBirth missing: age unknown")
@@ -188,8 +228,9 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     pid = df["PatientID"].str.strip()
     nopid = pid.isna().to_numpy()
     if nopid.any():
-        report.add_rows("missing PatientID", main, lines[nopid], df.loc[nopid, "ImageID"].tolist(),
-                        "image is its own patient")
+        report.add_rows(
+            "missing PatientID", main, lines[nopid], df.loc[nopid, "ImageID"].tolist(), "image is its own patient"
+        )
         pid = pid.fillna(df["ImageID"])
     view = df["Projection"].str.strip().fillna("unknown") if "Projection" in df else pd.Series("unknown", df.index)
     if "ImageDir" in df:
@@ -198,13 +239,16 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
     else:
         idir = pd.Series(pd.NA, index=df.index, dtype="string")
     flat = (root / "images").is_dir() and not any((root / str(d)).is_dir() for d in idir.dropna().unique()[:5])
-    paths = np.where(idir.isna() | flat, str(root / "images") + "/" + df["ImageID"],
-                     str(root) + "/" + idir.fillna("") + "/" + df["ImageID"])
+    paths = np.where(
+        idir.isna() | flat,
+        str(root / "images") + "/" + df["ImageID"],
+        str(root) + "/" + idir.fillna("") + "/" + df["ImageID"],
+    )
     frame = {}
     if "Rows_DICOM" in df and "Columns_DICOM" in df:
         r = pd.to_numeric(df["Rows_DICOM"], errors="coerce")
         c = pd.to_numeric(df["Columns_DICOM"], errors="coerce")
-        frame = {i: [int(cc), int(rr)] for i, cc, rr in zip(df["ImageID"], c, r) if cc == cc and rr == rr}
+        frame = {i: [int(cc), int(rr)] for i, cc, rr in zip(df["ImageID"], c, r, strict=False) if cc == cc and rr == rr}
 
     split = np.full(len(df), None, dtype=object)
     att: dict[str, list] = {}
@@ -218,22 +262,34 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None) -> 
         report.add("PadChest-GR image not in the PadChest table", len(missing), missing[:5], "ignored")
         _gr_note(report, counter)
         if table is not None and "split" in table:
-            sp = dict(zip(table["ImageID"].str.strip(), table["split"].str.strip().str.lower()))
+            sp = dict(zip(table["ImageID"].str.strip(), table["split"].str.strip().str.lower(), strict=False))
             split = df["ImageID"].map(sp).to_numpy(dtype=object)
             split = np.where(pd.isna(split), None, split)
     recs = [
-        {"image": p, "label": lab, "attention": att.get(i, []), "sex": s, "age": a, "patient_id": pi,
-         "dataset": NAME, "view": v, "split_source": sp}
-        for p, i, lab, s, a, pi, v, sp in zip(paths, df["ImageID"], labels.tolist(), sex, age_list(age), pid, view,
-                                               split)
+        {
+            "image": p,
+            "label": lab,
+            "attention": att.get(i, []),
+            "sex": s,
+            "age": a,
+            "patient_id": pi,
+            "dataset": NAME,
+            "view": v,
+            "split_source": sp,
+        }
+        for p, i, lab, s, a, pi, v, sp in zip(
+            paths, df["ImageID"], labels.tolist(), sex, age_list(age), pid, view, split, strict=False
+        )
     ]
     return recs, report
 
 
 def _convert_gr_only(root: Path, gr: dict, table: pd.DataFrame | None, report: ConversionReport):
     if table is None:
-        raise ConversionError(f"--root {root}: PadChest-GR grounded reports found but no master_table.csv next to "
-                              f"them (needed for sex, age, split). Found: {sorted(os.listdir(root))[:30]}")
+        raise ConversionError(
+            f"--root {root}: PadChest-GR grounded reports found but no master_table.csv next to "
+            f"them (needed for sex, age, split). Found: {sorted(os.listdir(root))[:30]}"
+        )
     report.note("PadChest main table not found: converting the PadChest-GR release alone")
     path, lines = table["_path"].iloc[0], table["_lines"].to_numpy()
     table["ImageID"] = table["ImageID"].str.strip()
@@ -243,8 +299,9 @@ def _convert_gr_only(root: Path, gr: dict, table: pd.DataFrame | None, report: C
         for f in files:
             if f.lower().endswith(".png"):
                 images.setdefault(f, os.path.join(d, f))
-    labels = np.array([[int(c in gr["labels"].get(i, set())) for c in CLASSES] for i in table["ImageID"]],
-                      dtype=np.int8).reshape(len(table), len(CLASSES))
+    labels = np.array(
+        [[int(c in gr["labels"].get(i, set())) for c in CLASSES] for i in table["ImageID"]], dtype=np.int8
+    ).reshape(len(table), len(CLASSES))
     nogr = ~table["ImageID"].isin(gr["labels"].keys()).to_numpy()
     labels[nogr] = -1
     report.add("master_table image without grounded report", int(nogr.sum()), [], "labels set to -1")
@@ -254,10 +311,22 @@ def _convert_gr_only(root: Path, gr: dict, table: pd.DataFrame | None, report: C
     split = table["split"].str.strip().str.lower() if "split" in table else pd.Series([None] * len(table))
     counter = {"normalized": 0, "pixels": 0, "pixels_without_frame": 0}
     recs = []
-    for i, lab, s, a, p, sp in zip(table["ImageID"], labels.tolist(), sex, age_list(age), pid, split):
-        recs.append({"image": images.get(i, str(root / "images" / i)), "label": lab,
-                     "attention": _box_entries(gr["boxes"].get(i, []), None, counter), "sex": s, "age": a,
-                     "patient_id": str(p), "dataset": NAME, "view": "unknown",
-                     "split_source": sp if isinstance(sp, str) else None})
+    for i, lab, s, a, p, sp in zip(table["ImageID"], labels.tolist(), sex, age_list(age), pid, split, strict=False):
+        recs.append(
+            {
+                "image": images.get(i, str(root / "images" / i)),
+                "label": lab,
+                "attention": _box_entries(gr["boxes"].get(i, []), None, counter),
+                "sex": s,
+                "age": a,
+                "patient_id": str(p),
+                "dataset": NAME,
+                "view": "unknown",
+                "split_source": sp if isinstance(sp, str) else None,
+            }
+        )
     _gr_note(report, counter)
     return recs, report
+
+
+CONVERTERS = (Converter(NAME, convert, "PadChest (+ PadChest-GR boxes)"),)

@@ -21,6 +21,7 @@ others), plain or .gz:
 ``attention`` = "all" (default: every source found) | "reflacx" | "ms-cxr" | "none". Attention never changes
 the labels; attention on an image whose label is not positive is kept and counted.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     CLASSES,
     ConversionError,
     ConversionReport,
@@ -43,27 +44,46 @@ from bundle.data.convert_common import (
     parse_tristate,
     read_csv,
 )
+from bundle.data.converters.registry import BLANK_OPTION, Converter, option
 
 NAME = "mimic"
 LABEL_MAP = {"nodule_mass": "Lung Lesion", "pleural_effusion": "Pleural Effusion", "edema": "Edema"}
 #: REFLACX label column (any phase, lower case) -> condition
-REFLACX_MAP = {"lung nodule or mass": "nodule_mass", "mass": "nodule_mass", "nodule": "nodule_mass",
-               "pleural abnormality": "pleural_effusion", "pleural effusion": "pleural_effusion",
-               "pulmonary edema": "edema", "edema": "edema"}
+REFLACX_MAP = {
+    "lung nodule or mass": "nodule_mass",
+    "mass": "nodule_mass",
+    "nodule": "nodule_mass",
+    "pleural abnormality": "pleural_effusion",
+    "pleural effusion": "pleural_effusion",
+    "pulmonary edema": "edema",
+    "edema": "edema",
+}
 MSCXR_MAP = {"pleural effusion": "pleural_effusion", "edema": "edema"}
 _PREFIX = "mimic-cxr-2.0.0"
 
 
 def _find(root: Path, stem: str, what: str, required: bool = True) -> Path | None:
-    pats = [f"{stem}.csv", f"{stem}.csv.gz", f"*/{stem}.csv", f"*/{stem}.csv.gz", f"*/*/{stem}.csv.gz",
-            f"*/*/{stem}.csv"]
+    pats = [
+        f"{stem}.csv",
+        f"{stem}.csv.gz",
+        f"*/{stem}.csv",
+        f"*/{stem}.csv.gz",
+        f"*/*/{stem}.csv.gz",
+        f"*/*/{stem}.csv",
+    ]
     return find_file(root, pats, what, required)
 
 
 def _reflacx(root: Path, report: ConversionReport, min_certainty: int) -> tuple[list, list]:
-    metas = find_files(root, ["metadata_phase_*.csv", "main_data/metadata_phase_*.csv",
-                              "*/main_data/metadata_phase_*.csv",
-                              "*/*/main_data/metadata_phase_*.csv"])
+    metas = find_files(
+        root,
+        [
+            "metadata_phase_*.csv",
+            "main_data/metadata_phase_*.csv",
+            "*/main_data/metadata_phase_*.csv",
+            "*/*/main_data/metadata_phase_*.csv",
+        ],
+    )
     keys, shapes = [], []
     if not metas:
         return keys, shapes
@@ -72,10 +92,15 @@ def _reflacx(root: Path, report: ConversionReport, min_certainty: int) -> tuple[
         report.files[f"reflacx_{meta.stem}"] = str(meta)
         df = match_columns(read_csv(meta), {"id": [], "image": [], "image_size_x": [], "image_size_y": []}, meta)
         size = df[["image_size_x", "image_size_y"]].apply(pd.to_numeric, errors="coerce")
-        dicom = df["image"].str.replace("\\", "/", regex=False).str.rsplit("/", n=1).str[-1].str.replace(
-            r"\.(dcm|dicom|jpg)$", "", regex=True)
+        dicom = (
+            df["image"]
+            .str.replace("\\", "/", regex=False)
+            .str.rsplit("/", n=1)
+            .str[-1]
+            .str.replace(r"\.(dcm|dicom|jpg)$", "", regex=True)
+        )
         lines = file_lines(df)
-        for cid, did, w, h, ln in zip(df["id"], dicom, size["image_size_x"], size["image_size_y"], lines):
+        for cid, did, w, h, ln in zip(df["id"], dicom, size["image_size_x"], size["image_size_y"], lines, strict=False):
             f = meta.parent / str(cid) / "anomaly_location_ellipses.csv"
             if not f.is_file():
                 n_missing += 1
@@ -89,8 +114,11 @@ def _reflacx(root: Path, report: ConversionReport, min_certainty: int) -> tuple[
             if not {"xmin", "ymin", "xmax", "ymax"} <= set(norm):
                 raise ConversionError(f"{f}: needs columns xmin, ymin, xmax, ymax; found {list(ell.columns)}")
             xy = ell[[norm[k] for k in ("xmin", "ymin", "xmax", "ymax")]].apply(pd.to_numeric, errors="coerce")
-            cert = pd.to_numeric(ell[norm["certainty"]], errors="coerce") if "certainty" in norm else \
-                pd.Series(5, index=ell.index)
+            cert = (
+                pd.to_numeric(ell[norm["certainty"]], errors="coerce")
+                if "certainty" in norm
+                else pd.Series(5, index=ell.index)
+            )
             for k, col in norm.items():
                 cls = REFLACX_MAP.get(k)
                 if cls is None:
@@ -100,8 +128,14 @@ def _reflacx(root: Path, report: ConversionReport, min_certainty: int) -> tuple[
                 n_low += int(low.sum())
                 for i in np.flatnonzero((flag & ~low & xy.notna().all(axis=1)).to_numpy()):
                     keys.append(did)
-                    shapes.append({"class": cls, "type": "ellipse_bbox", "coords": [float(v) for v in xy.iloc[i]],
-                                   "frame": [int(w), int(h)]})
+                    shapes.append(
+                        {
+                            "class": cls,
+                            "type": "ellipse_bbox",
+                            "coords": [float(v) for v in xy.iloc[i]],
+                            "frame": [int(w), int(h)],
+                        }
+                    )
     report.note(f"REFLACX: {n_cases} cases with ellipses, {len(shapes)} ellipses kept")
     report.add("REFLACX case folder without anomaly_location_ellipses.csv", n_missing, [], "case skipped")
     report.add(f"REFLACX ellipse with certainty < {min_certainty}", n_low, [], "ellipse dropped")
@@ -109,13 +143,22 @@ def _reflacx(root: Path, report: ConversionReport, min_certainty: int) -> tuple[
 
 
 def _mscxr(root: Path, report: ConversionReport) -> tuple[list, list]:
-    files = find_files(root, ["MS_CXR_Local_Alignment*.csv", "*/MS_CXR_Local_Alignment*.csv",
-                              "*/*/MS_CXR_Local_Alignment*.csv"])
+    files = find_files(
+        root, ["MS_CXR_Local_Alignment*.csv", "*/MS_CXR_Local_Alignment*.csv", "*/*/MS_CXR_Local_Alignment*.csv"]
+    )
     keys, shapes = [], []
     for f in files[:1]:
         report.files["ms_cxr"] = str(f)
-        spec = {"dicom_id": [], "category_name": [], "x": [], "y": [], "w": [], "h": [], "image_width": [],
-                "image_height": []}
+        spec = {
+            "dicom_id": [],
+            "category_name": [],
+            "x": [],
+            "y": [],
+            "w": [],
+            "h": [],
+            "image_width": [],
+            "image_height": [],
+        }
         df = match_columns(read_csv(f), spec, f)
         lines = file_lines(df)
         num = df[["x", "y", "w", "h", "image_width", "image_height"]].apply(pd.to_numeric, errors="coerce")
@@ -124,15 +167,29 @@ def _mscxr(root: Path, report: ConversionReport) -> tuple[list, list]:
         if bad.any():
             report.add_rows("unparsable MS-CXR box", f, lines[bad], df.loc[bad, "dicom_id"].tolist(), "box dropped")
         ok = ~bad & cls.notna().to_numpy()
-        for did, c, (x, y, w, h, iw, ih) in zip(df["dicom_id"][ok], cls[ok], num[ok].itertuples(index=False)):
+        for did, c, (x, y, w, h, iw, ih) in zip(
+            df["dicom_id"][ok], cls[ok], num[ok].itertuples(index=False), strict=False
+        ):
             keys.append(str(did).strip())
-            shapes.append({"class": c, "type": "bbox_xywh", "coords": [float(x), float(y), float(w), float(h)],
-                           "frame": [int(iw), int(ih)]})
+            shapes.append(
+                {
+                    "class": c,
+                    "type": "bbox_xywh",
+                    "coords": [float(x), float(y), float(w), float(h)],
+                    "frame": [int(iw), int(ih)],
+                }
+            )
     return keys, shapes
 
 
-def convert(root: str | os.PathLike, report: ConversionReport | None = None, blank: int = -1, age: str = "study",
-            attention: str = "all", min_certainty: int = 3) -> tuple[list[dict], ConversionReport]:
+def convert(
+    root: str | os.PathLike,
+    report: ConversionReport | None = None,
+    blank: int = -1,
+    age: str = "study",
+    attention: str = "all",
+    min_certainty: int = 3,
+) -> tuple[list[dict], ConversionReport]:
     """One record per image of the metadata file."""
     if age not in ("study", "anchor"):
         raise ConversionError(f"mimic: age must be 'study' or 'anchor', got {age!r}")
@@ -146,8 +203,12 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
     report.files.update(metadata=str(meta_p), labels=str(lab_p))
     base = meta_p.parent
 
-    meta = match_columns(read_csv(meta_p), {"dicom_id": [], "subject_id": [], "study_id": [], "ViewPosition": [],
-                                            "StudyDate": []}, meta_p, optional=["ViewPosition", "StudyDate"])
+    meta = match_columns(
+        read_csv(meta_p),
+        {"dicom_id": [], "subject_id": [], "study_id": [], "ViewPosition": [], "StudyDate": []},
+        meta_p,
+        optional=["ViewPosition", "StudyDate"],
+    )
     mlines = file_lines(meta)
     meta["dicom_id"] = meta["dicom_id"].str.strip()
     meta, mlines = drop_duplicates(meta, "dicom_id", report, meta_p, mlines)
@@ -159,8 +220,9 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
             meta, mlines, num = meta.loc[~bad].reset_index(drop=True), mlines[~bad], num[~bad].reset_index(drop=True)
         meta[c] = num.astype("int64").astype(str)
 
-    lab = match_columns(read_csv(lab_p), {"subject_id": [], "study_id": [], **{v: [] for v in LABEL_MAP.values()}},
-                        lab_p)
+    lab = match_columns(
+        read_csv(lab_p), {"subject_id": [], "study_id": [], **{v: [] for v in LABEL_MAP.values()}}, lab_p
+    )
     llines = file_lines(lab)
     lab["study_id"] = pd.to_numeric(lab["study_id"], errors="coerce").astype("Int64").astype(str)
     lab, llines = drop_duplicates(lab, "study_id", report, lab_p, llines)
@@ -169,8 +231,12 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
     df = meta.merge(lab[["study_id", *CLASSES]], on="study_id", how="left")
     nolab = df[CLASSES[0]].isna().to_numpy()
     if nolab.any():
-        report.add("image whose study has no label row", int(nolab.sum()), df.loc[nolab, "dicom_id"].tolist()[:5],
-                   "labels set to -1")
+        report.add(
+            "image whose study has no label row",
+            int(nolab.sum()),
+            df.loc[nolab, "dicom_id"].tolist()[:5],
+            "labels set to -1",
+        )
     labels = df[list(CLASSES)].fillna(-1).to_numpy(dtype=np.int8)
 
     if split_p is not None:
@@ -186,14 +252,30 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
 
     sex = np.full(len(df), "unknown", dtype=object)
     ages = np.full(len(df), np.nan)
-    pat_p = find_file(root, ["patients.csv.gz", "patients.csv", "*/patients.csv.gz", "*/patients.csv",
-                             "*/*/patients.csv.gz", "*/*/patients.csv", "*/*/*/patients.csv.gz"], "", required=False)
+    pat_p = find_file(
+        root,
+        [
+            "patients.csv.gz",
+            "patients.csv",
+            "*/patients.csv.gz",
+            "*/patients.csv",
+            "*/*/patients.csv.gz",
+            "*/*/patients.csv",
+            "*/*/*/patients.csv.gz",
+        ],
+        "",
+        required=False,
+    )
     if pat_p is None:
         report.note("MIMIC-IV patients.csv(.gz) not found under --root: sex and age unknown")
     else:
         report.files["patients"] = str(pat_p)
-        pat = match_columns(read_csv(pat_p), {"subject_id": [], "gender": [], "anchor_age": [], "anchor_year": []},
-                            pat_p, optional=["anchor_year"])
+        pat = match_columns(
+            read_csv(pat_p),
+            {"subject_id": [], "gender": [], "anchor_age": [], "anchor_year": []},
+            pat_p,
+            optional=["anchor_year"],
+        )
         pat["subject_id"] = pd.to_numeric(pat["subject_id"], errors="coerce").astype("Int64").astype(str)
         pat = pat.drop_duplicates("subject_id")
         m = df[["subject_id"]].merge(pat, on="subject_id", how="left")
@@ -206,8 +288,12 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
         else:
             ages = anchor
         unknown = m["gender"].isna().to_numpy()
-        report.add("subject not in patients.csv", int(unknown.sum()), df.loc[unknown, "subject_id"].tolist()[:5],
-                   "sex/age unknown")
+        report.add(
+            "subject not in patients.csv",
+            int(unknown.sum()),
+            df.loc[unknown, "subject_id"].tolist()[:5],
+            "sex/age unknown",
+        )
     ages = np.where((ages < 0) | (ages > 110), np.nan, ages)
 
     att: dict[str, list] = {}
@@ -222,10 +308,10 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
         keys += k
         shapes += s
     known = set(df["dicom_id"])
-    lab_of = dict(zip(df["dicom_id"], labels.tolist()))
+    lab_of = dict(zip(df["dicom_id"], labels.tolist(), strict=False))
     ci = {c: i for i, c in enumerate(CLASSES)}
     unknown_ids, not_pos = [], 0
-    for k, s in zip(keys, shapes):
+    for k, s in zip(keys, shapes, strict=False):
         if k not in known:
             unknown_ids.append(k)
             continue
@@ -234,16 +320,44 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
     report.add("attention for a dicom_id not in the metadata", len(unknown_ids), unknown_ids[:5], "dropped")
     report.add("attention on an image whose label is not positive", int(not_pos), [], "kept")
 
-    view = (df["ViewPosition"].str.strip().str.upper().fillna("unknown") if "ViewPosition" in df
-            else pd.Series("unknown", index=df.index))
+    view = (
+        df["ViewPosition"].str.strip().str.upper().fillna("unknown")
+        if "ViewPosition" in df
+        else pd.Series("unknown", index=df.index)
+    )
     subj = df["subject_id"]
-    paths = (str(base / "files") + "/p" + subj.str[:2] + "/p" + subj + "/s" + df["study_id"] + "/" + df["dicom_id"]
-             + ".jpg")
+    paths = (
+        str(base / "files") + "/p" + subj.str[:2] + "/p" + subj + "/s" + df["study_id"] + "/" + df["dicom_id"] + ".jpg"
+    )
     recs = [
-        {"image": p, "label": lab, "attention": att.get(d, []), "sex": s, "age": a, "patient_id": pid,
-         "dataset": NAME, "view": v, "split_source": sp if isinstance(sp, str) else None}
-        for p, d, lab, s, a, pid, v, sp in zip(paths, df["dicom_id"], labels.tolist(), sex, age_list(ages),
-                                                subj, view, split)
+        {
+            "image": p,
+            "label": lab,
+            "attention": att.get(d, []),
+            "sex": s,
+            "age": a,
+            "patient_id": pid,
+            "dataset": NAME,
+            "view": v,
+            "split_source": sp if isinstance(sp, str) else None,
+        }
+        for p, d, lab, s, a, pid, v, sp in zip(
+            paths, df["dicom_id"], labels.tolist(), sex, age_list(ages), subj, view, split, strict=False
+        )
     ]
     return recs, report
 
+
+CONVERTERS = (
+    Converter(
+        NAME,
+        convert,
+        "MIMIC-CXR-JPG (+ MIMIC-IV, REFLACX, MS-CXR)",
+        options=(
+            option("--attention", default=None, help="all|reflacx|ms-cxr|none (default all)"),
+            BLANK_OPTION,
+            option("--age-mode", "age", choices=["study", "anchor"], default="study", help="age at study or anchor"),
+            option("--min-certainty", type=int, default=3, help="lowest REFLACX ellipse certainty kept"),
+        ),
+    ),
+)

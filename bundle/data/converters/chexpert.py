@@ -18,16 +18,16 @@ pathologies are present, all-zero when negative: empty masks are skipped). ``att
 polygons of a CXR when they exist and its RLE otherwise; "polygon", "rle" and "both" force a choice.
 The CXR id is ``patientX_studyY_viewZ_frontal`` (the Path without split prefix and extension, joined by "_").
 """
+
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bundle.data.convert_common import (
+from bundle.data.converters.common import (
     CLASSES,
     ConversionError,
     ConversionReport,
@@ -41,13 +41,21 @@ from bundle.data.convert_common import (
     parse_sex,
     parse_tristate,
     read_csv,
+    read_json_file,
 )
+from bundle.data.converters.registry import BLANK_OPTION, Converter, option
 
 NAME = "chexpert"
 #: condition -> CheXpert / CheXlocalize pathology name
 LABEL_MAP = {"nodule_mass": "Lung Lesion", "pleural_effusion": "Pleural Effusion", "edema": "Edema"}
-COLUMNS = {"path": ["Path"], "sex": ["Sex"], "age": ["Age"], "frontal_lateral": ["Frontal/Lateral"],
-           "ap_pa": ["AP/PA"], **{v: [] for v in LABEL_MAP.values()}}
+COLUMNS = {
+    "path": ["Path"],
+    "sex": ["Sex"],
+    "age": ["Age"],
+    "frontal_lateral": ["Frontal/Lateral"],
+    "ap_pa": ["AP/PA"],
+    **{v: [] for v in LABEL_MAP.values()},
+}
 _ID_RX = r"(patient\d+)/(study\d+)/([^/]+?)\.[A-Za-z]+$"
 
 
@@ -57,8 +65,9 @@ def cxr_ids(paths: pd.Series) -> pd.Series:
     return m[0] + "_" + m[1] + "_" + m[2]
 
 
-def read_labels(path: Path, report: ConversionReport, blank: int, split_source: str,
-                image_base: Path | None = None) -> pd.DataFrame:
+def read_labels(
+    path: Path, report: ConversionReport, blank: int, split_source: str, image_base: Path | None = None
+) -> pd.DataFrame:
     """One CheXpert-style label CSV -> DataFrame(cxr_id, image, patient_id, sex, age, view, labels..., split)."""
     df = match_columns(read_csv(path), COLUMNS, path, optional=["sex", "age", "frontal_lateral", "ap_pa"])
     lines = file_lines(df)
@@ -67,8 +76,13 @@ def read_labels(path: Path, report: ConversionReport, blank: int, split_source: 
     out = pd.DataFrame({"cxr_id": cxr_ids(df["path"])})
     bad = out["cxr_id"].isna().to_numpy()
     if bad.any():
-        report.add_rows("Path not of the form .../patientN/studyN/viewN_*.jpg", path, lines[bad],
-                        df.loc[bad, "path"].tolist(), "row dropped")
+        report.add_rows(
+            "Path not of the form .../patientN/studyN/viewN_*.jpg",
+            path,
+            lines[bad],
+            df.loc[bad, "path"].tolist(),
+            "row dropped",
+        )
         df, out, lines = df.loc[~bad].reset_index(drop=True), out.loc[~bad].reset_index(drop=True), lines[~bad]
     out["patient_id"] = out["cxr_id"].str.extract(r"^(patient\d+)")[0]
     rel = df["path"].str.replace("\\", "/", regex=False)
@@ -77,15 +91,18 @@ def read_labels(path: Path, report: ConversionReport, blank: int, split_source: 
         first = rel.str.split("/").str[0]
         rest = rel.str.split("/", n=1).str[1]
         prefixed = first.str.startswith("CheXpert-v1.0").fillna(False)
-        out["image"] = np.where(first == folder, str(path.parent.parent) + "/" + rel,
-                                np.where(prefixed, str(path.parent) + "/" + rest.fillna(""),
-                                         str(path.parent) + "/" + rel))
+        out["image"] = np.where(
+            first == folder,
+            str(path.parent.parent) + "/" + rel,
+            np.where(prefixed, str(path.parent) + "/" + rest.fillna(""), str(path.parent) + "/" + rel),
+        )
     else:  # CheXlocalize: images under <labels folder>/<val|test>/patientX/studyY/viewZ.jpg
         tail = rel.str.extract(r"(patient\d+/study\d+/[^/]+)$")[0]
         out["image"] = str(image_base) + "/" + tail
     out["sex"] = parse_sex(df["sex"]) if "sex" in df else "unknown"
-    out["age"] = (parse_age(df["age"], report, path, lines, zero_is_missing=True, column="Age")
-                  if "age" in df else np.nan)
+    out["age"] = (
+        parse_age(df["age"], report, path, lines, zero_is_missing=True, column="Age") if "age" in df else np.nan
+    )
     view = df["ap_pa"].str.strip().str.upper() if "ap_pa" in df else pd.Series(pd.NA, index=df.index, dtype="string")
     if "frontal_lateral" in df:
         lat = df["frontal_lateral"].str.strip().str.lower().eq("lateral").fillna(False)
@@ -95,14 +112,6 @@ def read_labels(path: Path, report: ConversionReport, blank: int, split_source: 
         out[c] = parse_tristate(df[LABEL_MAP[c]], report, path, lines, LABEL_MAP[c], blank=blank)
     out["split_source"] = split_source
     return out
-
-
-def _load_json(path: Path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{path}: not readable JSON ({e}). Fix: use the CheXlocalize file as distributed.")
 
 
 def read_annotations(folder: Path, splits: list[str], report: ConversionReport, mode: str = "auto") -> dict:
@@ -119,7 +128,7 @@ def read_annotations(folder: Path, splits: list[str], report: ConversionReport, 
         if pa is not None and mode != "rle":
             report.files[f"polygons_{split}"] = str(pa)
             bad = []
-            for cid, entry in _load_json(pa).items():
+            for cid, entry in read_json_file(pa, "CheXlocalize").items():
                 size = entry.get("img_size") if isinstance(entry, dict) else None
                 if not (isinstance(size, list) and len(size) == 2):
                     bad.append(cid)
@@ -132,31 +141,49 @@ def read_annotations(folder: Path, splits: list[str], report: ConversionReport, 
                         if not isinstance(contour, list) or len(contour) < 3:
                             bad.append(f"{cid}:{patho}")
                             continue
-                        poly.setdefault(cid, []).append({"class": names[patho], "type": "polygon",
-                                                         "coords": [[float(x), float(y)] for x, y in contour],
-                                                         "frame": frame})
-            report.add("CheXlocalize polygon without img_size or with < 3 points", len(bad), bad[:5],
-                       "contour skipped", file=pa.name)
+                        poly.setdefault(cid, []).append(
+                            {
+                                "class": names[patho],
+                                "type": "polygon",
+                                "coords": [[float(x), float(y)] for x, y in contour],
+                                "frame": frame,
+                            }
+                        )
+            report.add(
+                "CheXlocalize polygon without img_size or with < 3 points",
+                len(bad),
+                bad[:5],
+                "contour skipped",
+                file=pa.name,
+            )
         ps = find_file(folder, [f"gt_segmentations_{split}.json", f"*/gt_segmentations_{split}.json"], "", False)
         if ps is not None and mode != "polygon":
             report.files[f"segmentations_{split}"] = str(ps)
             bad = []
-            for cid, entry in _load_json(ps).items():
+            for cid, entry in read_json_file(ps, "CheXlocalize").items():
                 for patho, seg in entry.items():
                     if patho not in names:
                         continue
                     try:
                         h, w = (int(v) for v in seg["size"])
                         counts = seg["counts"]
-                        area = int(mask_utils.area({"size": [h, w], "counts": counts.encode()
-                                                    if isinstance(counts, str) else counts}))
+                        area = int(
+                            mask_utils.area(
+                                {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
+                            )
+                        )
                     except (KeyError, TypeError, ValueError) as e:
                         bad.append(f"{cid}:{patho}: {e}")
                         continue
                     if area > 0:
-                        rle.setdefault(cid, []).append({"class": names[patho], "type": "rle",
-                                                        "coords": {"size": [h, w], "counts": counts},
-                                                        "frame": [w, h]})
+                        rle.setdefault(cid, []).append(
+                            {
+                                "class": names[patho],
+                                "type": "rle",
+                                "coords": {"size": [h, w], "counts": counts},
+                                "frame": [w, h],
+                            }
+                        )
             report.add("CheXlocalize RLE without size/counts", len(bad), bad[:5], "mask skipped", file=ps.name)
     if mode in ("polygon", "rle"):
         return poly if mode == "polygon" else rle
@@ -171,16 +198,34 @@ def _records(df: pd.DataFrame, att: dict, report: ConversionReport, dataset: str
         missing = sorted(set(att) - set(df["cxr_id"]))
         report.add("annotated CXR id not in the label files", len(missing), missing[:5], "annotation unused")
     return [
-        {"image": img, "label": lab, "attention": att.get(cid, []), "sex": s, "age": a, "patient_id": p,
-         "dataset": dataset, "view": v, "split_source": sp}
+        {
+            "image": img,
+            "label": lab,
+            "attention": att.get(cid, []),
+            "sex": s,
+            "age": a,
+            "patient_id": p,
+            "dataset": dataset,
+            "view": v,
+            "split_source": sp,
+        }
         for img, cid, lab, s, a, p, v, sp in zip(
-            df["image"], df["cxr_id"], labels, df["sex"], age_list(df["age"].to_numpy(dtype=float)),
-            df["patient_id"], df["view"], df["split_source"])
+            df["image"],
+            df["cxr_id"],
+            labels,
+            df["sex"],
+            age_list(df["age"].to_numpy(dtype=float)),
+            df["patient_id"],
+            df["view"],
+            df["split_source"],
+            strict=False,
+        )
     ]
 
 
-def convert(root: str | os.PathLike, report: ConversionReport | None = None, blank: int = -1,
-            attention: str = "auto") -> tuple[list[dict], ConversionReport]:
+def convert(
+    root: str | os.PathLike, report: ConversionReport | None = None, blank: int = -1, attention: str = "auto"
+) -> tuple[list[dict], ConversionReport]:
     """CheXpert train + valid (+ CheXlocalize annotations of valid when found under ``root``)."""
     root = Path(root).resolve()
     report = report or ConversionReport(NAME)
@@ -198,11 +243,26 @@ def convert(root: str | os.PathLike, report: ConversionReport | None = None, bla
     n_sources = df.groupby("patient_id")["split_source"].transform("nunique")
     overlap = df["patient_id"].duplicated(keep=False) & (n_sources > 1)
     if overlap.any():
-        report.add("patient in both train.csv and valid.csv", int(df.loc[overlap, "patient_id"].nunique()),
-                   df.loc[overlap, "patient_id"].unique().tolist()[:5], "moved to the official split")
+        report.add(
+            "patient in both train.csv and valid.csv",
+            int(df.loc[overlap, "patient_id"].nunique()),
+            df.loc[overlap, "patient_id"].unique().tolist()[:5],
+            "moved to the official split",
+        )
     att = {}
-    loc = [d for d in (root, root.parent) if find_files(d, ["gt_annotations_val.json", "*/gt_annotations_val.json",
-                                                          "gt_segmentations_val.json", "*/gt_segmentations_val.json"])]
+    loc = [
+        d
+        for d in (root, root.parent)
+        if find_files(
+            d,
+            [
+                "gt_annotations_val.json",
+                "*/gt_annotations_val.json",
+                "gt_segmentations_val.json",
+                "*/gt_segmentations_val.json",
+            ],
+        )
+    ]
     if loc:
         att = read_annotations(loc[0], ["val"], report, attention)
         report.note(f"CheXlocalize validation annotations attached from {loc[0]}")
@@ -216,36 +276,49 @@ def _demographics(root: Path, report: ConversionReport) -> pd.DataFrame | None:
         if {"path", "sex", "age"} <= {str(c).strip().lower() for c in df.columns}:
             df = match_columns(df, {"path": ["Path"], "sex": ["Sex"], "age": ["Age"]}, p)
             report.files["demographics"] = str(p)
-            out = pd.DataFrame({"patient_id": df["path"].str.extract(r"(patient\d+)")[0],
-                                "sex": parse_sex(df["sex"]),
-                                "age": parse_age(df["age"], report, p, file_lines(df), zero_is_missing=True)})
+            out = pd.DataFrame(
+                {
+                    "patient_id": df["path"].str.extract(r"(patient\d+)")[0],
+                    "sex": parse_sex(df["sex"]),
+                    "age": parse_age(df["age"], report, p, file_lines(df), zero_is_missing=True),
+                }
+            )
             return out.drop_duplicates("patient_id")
     for p in find_files(root, ["CHEXPERT DEMO*.csv", "CHEXPERT DEMO*.xlsx", "*/CHEXPERT DEMO*.*"]):
         if p.suffix.lower() == ".xlsx":
             try:
                 df = pd.read_excel(p, dtype=str)
             except ImportError:
-                report.note(f"{p.name}: reading .xlsx needs openpyxl (pip install openpyxl) or save it as CSV; "
-                            "demographics not used")
+                report.note(
+                    f"{p.name}: reading .xlsx needs openpyxl (pip install openpyxl) or save it as CSV; "
+                    "demographics not used"
+                )
                 continue
         else:
             df = read_csv(p)
         df = match_columns(df, {"patient": ["PATIENT"], "gender": ["GENDER"], "age": ["AGE_AT_CXR"]}, p)
         report.files["demographics"] = str(p)
-        return pd.DataFrame({"patient_id": df["patient"].str.extract(r"(patient\d+)")[0],
-                             "sex": parse_sex(df["gender"]),
-                             "age": parse_age(df["age"], report, p, file_lines(df), zero_is_missing=True)}
-                            ).drop_duplicates("patient_id")
+        return pd.DataFrame(
+            {
+                "patient_id": df["patient"].str.extract(r"(patient\d+)")[0],
+                "sex": parse_sex(df["gender"]),
+                "age": parse_age(df["age"], report, p, file_lines(df), zero_is_missing=True),
+            }
+        ).drop_duplicates("patient_id")
     return None
 
 
-def convert_chexlocalize(root: str | os.PathLike, report: ConversionReport | None = None,
-                         attention: str = "auto") -> tuple[list[dict], ConversionReport]:
+def convert_chexlocalize(
+    root: str | os.PathLike, report: ConversionReport | None = None, attention: str = "auto"
+) -> tuple[list[dict], ConversionReport]:
     """The CheXlocalize download: val and test CXRs with their 0/1 labels and polygon/RLE attention."""
     root = Path(root).resolve()
     report = report or ConversionReport("chexlocalize")
-    val = find_file(root, ["CheXpert/val_labels.csv", "val_labels.csv", "*/CheXpert/val_labels.csv"],
-                    "CheXlocalize's CheXpert/val_labels.csv")
+    val = find_file(
+        root,
+        ["CheXpert/val_labels.csv", "val_labels.csv", "*/CheXpert/val_labels.csv"],
+        "CheXlocalize's CheXpert/val_labels.csv",
+    )
     test = find_file(val.parent, ["test_labels.csv"], "", required=False)
     frames = []
     for p, split, sub in ((val, "valid", "val"), (test, "test", "test")):
@@ -273,3 +346,15 @@ def convert_chexlocalize(root: str | os.PathLike, report: ConversionReport | Non
         )
     att = read_annotations(folder[0].parent, ["val", "test"], report, attention)
     return _records(df, att, report, dataset=NAME), report
+
+
+_ATTENTION = option("--attention", default=None, help="auto|polygon|rle|both (default auto)")
+CONVERTERS = (
+    Converter(NAME, convert, "CheXpert train.csv / valid.csv", options=(_ATTENTION, BLANK_OPTION)),
+    Converter(
+        "chexlocalize",
+        convert_chexlocalize,
+        "CheXlocalize val/test labels with polygons and RLE",
+        options=(_ATTENTION,),
+    ),
+)
