@@ -1,5 +1,6 @@
 """The study report on crafted run folders with known answers: mean/sd over seeds, best p, the "X of Y" count,
 Table 2's bold cells, the positive-control table, the figures, and MLflow being down."""
+
 import csv
 import json
 import math
@@ -8,18 +9,29 @@ import os
 import numpy as np
 import pytest
 
-from bundle import report as R
+from bundle.study import report as R
 
 SPLITS = ("test", "test_ood")
 CLASSES = ("a", "b")
 ATTRS = ("sex", "age")
 SEEDS = (0, 1, 2)
 # setting id -> (p, random, data ratio)
-SETTINGS = {"p0.00": (0.0, False, 1.0), "p0.50": (0.5, False, 1.0), "p1.00": (1.0, False, 1.0),
-            "random_p1.00": (1.0, True, 1.0), "ratio0.50_p0.00": (0.0, False, 0.5),
-            "ratio0.50_p1.00": (1.0, False, 0.5)}
-MEAN_AUC = {"p0.00": 0.70, "p0.50": 0.80, "p1.00": 0.75, "random_p1.00": 0.65, "ratio0.50_p0.00": 0.6,
-            "ratio0.50_p1.00": 0.68}
+SETTINGS = {
+    "p0.00": (0.0, False, 1.0),
+    "p0.50": (0.5, False, 1.0),
+    "p1.00": (1.0, False, 1.0),
+    "random_p1.00": (1.0, True, 1.0),
+    "ratio0.50_p0.00": (0.0, False, 0.5),
+    "ratio0.50_p1.00": (1.0, False, 0.5),
+}
+MEAN_AUC = {
+    "p0.00": 0.70,
+    "p0.50": 0.80,
+    "p1.00": 0.75,
+    "random_p1.00": 0.65,
+    "ratio0.50_p0.00": 0.6,
+    "ratio0.50_p1.00": 0.68,
+}
 
 
 def p1_lowered(split, c, a, m) -> bool:
@@ -60,7 +72,8 @@ def _png(path):
 
 
 def make_study(root, with_overlays=True, parent_uri=None):
-    """A study folder as bundle.study leaves it: runs/<id>/{DONE, eval/report/summary.json, <split>/...}."""
+    """A study folder as the study runner (bundle.study.runner) leaves it:
+    runs/<id>/{DONE, eval/report/summary.json, <split>/...}."""
     for sid, (p, rnd, ratio) in SETTINGS.items():
         for seed in SEEDS:
             rid = f"{sid}_seed{seed}"
@@ -68,21 +81,35 @@ def make_study(root, with_overlays=True, parent_uri=None):
             rep = os.path.join(rdir, "eval", "report")
             summary = {}
             for split in SPLITS:
-                d = {"report_dir": os.path.join(rep, split), "n": 100,
-                     f"{split}_mean_auc": MEAN_AUC[sid] + 0.01 * seed, f"{split}_hit_rate": 0.1 + 0.5 * p}
+                d = {
+                    "report_dir": os.path.join(rep, split),
+                    "n": 100,
+                    f"{split}_mean_auc": MEAN_AUC[sid] + 0.01 * seed,
+                    f"{split}_hit_rate": 0.1 + 0.5 * p,
+                }
                 for a in ATTRS:
                     for m in R.GAP_METRICS:
                         for c in CLASSES:
                             d[f"{split}_{c}/{a}/gap_{m}"] = gap(sid, split, c, a, m, seed)
                         d[f"{split}_macro/{a}/gap_{m}"] = gap(sid, split, "a", a, m, seed)
                 summary[split] = d
-                fr = {"macro": {"overall": {m: {"value": MEAN_AUC[sid] - 0.1 + 0.01 * k}
-                                            for k, m in enumerate(("auc", "accuracy", "sensitivity", "f1"))}},
-                      "overall": {c: {"auc": MEAN_AUC[sid], "accuracy": 0.7, "sensitivity": 0.6, "f1": 0.5}
-                                  for c in CLASSES},
-                      "alignment": {"hit_rate": {"per_class": {c: {"value": 0.1 + 0.5 * p + (0.1 if c == "b" else 0)}
-                                                               for c in CLASSES},
-                                                 "macro": {"value": 0.15 + 0.5 * p}}}}
+                fr = {
+                    "macro": {
+                        "overall": {
+                            m: {"value": MEAN_AUC[sid] - 0.1 + 0.01 * k}
+                            for k, m in enumerate(("auc", "accuracy", "sensitivity", "f1"))
+                        }
+                    },
+                    "overall": {
+                        c: {"auc": MEAN_AUC[sid], "accuracy": 0.7, "sensitivity": 0.6, "f1": 0.5} for c in CLASSES
+                    },
+                    "alignment": {
+                        "hit_rate": {
+                            "per_class": {c: {"value": 0.1 + 0.5 * p + (0.1 if c == "b" else 0)} for c in CLASSES},
+                            "macro": {"value": 0.15 + 0.5 * p},
+                        }
+                    },
+                }
                 os.makedirs(os.path.join(rep, split), exist_ok=True)
                 with open(os.path.join(rep, split, "fairness_report.json"), "w") as f:
                     json.dump(fr, f)
@@ -91,13 +118,28 @@ def make_study(root, with_overlays=True, parent_uri=None):
             with open(os.path.join(rep, "summary.json"), "w") as f:
                 json.dump(summary, f)  # None -> null, as NaN becomes in the real writer's strict fields
             with open(os.path.join(rdir, "DONE"), "w") as f:
-                json.dump({"run_id": rid, "setting": sid, "alignment_fraction": p, "random_alignment": rnd,
-                           "data_ratio": ratio, "seed": seed, "groups": ["alignment"], "fingerprint": "x"}, f)
+                json.dump(
+                    {
+                        "run_id": rid,
+                        "setting": sid,
+                        "alignment_fraction": p,
+                        "random_alignment": rnd,
+                        "data_ratio": ratio,
+                        "seed": seed,
+                        "groups": ["alignment"],
+                        "fingerprint": "x",
+                    },
+                    f,
+                )
     # an unfinished run (no DONE) must be ignored
     os.makedirs(os.path.join(root, "runs", "p0.25_seed0", "eval"), exist_ok=True)
-    cfg = {"name": "crafted", "profile": "test", "seeds": list(SEEDS),
-           "settings": [{"setting": s} for s in [*SETTINGS, "p0.25"]],
-           "report": {"control_split": "test_ood", "best_p_by": "test/mean_auc", "attributes": ["sex", "age"]}}
+    cfg = {
+        "name": "crafted",
+        "profile": "test",
+        "seeds": list(SEEDS),
+        "settings": [{"setting": s} for s in [*SETTINGS, "p0.25"]],
+        "report": {"control_split": "test_ood", "best_p_by": "test/mean_auc", "attributes": ["sex", "age"]},
+    }
     with open(os.path.join(root, "study_config.json"), "w") as f:
         json.dump(cfg, f)
     if parent_uri:
@@ -137,9 +179,18 @@ def test_aggregation_mean_sd_over_seeds(crafted):
 
 
 def test_nan_seed_is_left_out_of_mean_and_sd():
-    runs = [{"setting": "p0.00", "alignment_fraction": 0.0, "random_alignment": False, "data_ratio": 1.0,
-             "groups": "alignment", "seed": s, "metrics": {("test", "m"): v}}
-            for s, v in enumerate([0.2, math.nan, 0.4])]
+    runs = [
+        {
+            "setting": "p0.00",
+            "alignment_fraction": 0.0,
+            "random_alignment": False,
+            "data_ratio": 1.0,
+            "groups": "alignment",
+            "seed": s,
+            "metrics": {("test", "m"): v},
+        }
+        for s, v in enumerate([0.2, math.nan, 0.4])
+    ]
     (row,) = R.aggregate(runs)
     assert row["n"] == 2 and row["n_runs"] == 3 and row["mean"] == pytest.approx(0.3)
     assert row["sd"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
@@ -158,11 +209,15 @@ def test_best_p_and_gap_count(crafted):
     assert f"p = 1 vs w/o (p = 0): alignment lowered the gap in **20 of {n_cells}** comparisons" in md
     with open(os.path.join(root, "report", "gap_comparisons.csv")) as f:
         cells = list(csv.DictReader(f))
-    tie = next(r for r in cells if r["comparison"] == "p1" and (r["split"], r["finding"], r["attribute"],
-                                                                 r["metric"]) == TIE)
+    tie = next(
+        r for r in cells if r["comparison"] == "p1" and (r["split"], r["finding"], r["attribute"], r["metric"]) == TIE
+    )
     assert tie["lowered"] == "False"
-    und = next(r for r in cells if r["comparison"] == "best_p" and (r["split"], r["finding"], r["attribute"],
-                                                                     r["metric"]) == UNDEFINED)
+    und = next(
+        r
+        for r in cells
+        if r["comparison"] == "best_p" and (r["split"], r["finding"], r["attribute"], r["metric"]) == UNDEFINED
+    )
     assert und["lowered"] == ""
 
 
@@ -197,8 +252,13 @@ def test_figures_are_nonempty_pngs(crafted):
     root, out, _ = crafted
     import matplotlib.image as mpimg
 
-    for name in ("fig3_gap_vs_performance.png", "fig4_random_vs_aligned.png", "fig5_data_ratio.png",
-                 "fig6_radar.png", "attention_gallery_test_ood.png"):
+    for name in (
+        "fig3_gap_vs_performance.png",
+        "fig4_random_vs_aligned.png",
+        "fig5_data_ratio.png",
+        "fig6_radar.png",
+        "attention_gallery_test_ood.png",
+    ):
         path = os.path.join(root, "report", name)
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n", name
@@ -226,13 +286,34 @@ def test_missing_runs_are_listed_and_bad_marker_rejected(crafted, tmp_path):
         R.make_report(str(tmp_path), mlflow=False, log=lambda s: None)
 
 
+def test_report_defaults_defined_once(tmp_path):
+    """ReportOptions is the one source of the defaults: the study config records them, the report falls back to
+    them, and the report script's help names them."""
+    from bundle.study import ReportOptions, load_study_config
+
+    study_yaml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "study.yaml")
+    defaults = ReportOptions().to_dict()
+    assert defaults == {
+        "control_split": "test_ood",
+        "best_p_by": "test/mean_auc",
+        "attributes": ["sex", "age"],
+        "fig_gap_metric": "auc",
+    }
+    assert load_study_config(study_yaml, study_dir=str(tmp_path / "s")).report == defaults
+    cfg = load_study_config(study_yaml, study_dir=str(tmp_path / "s"), overrides={"report.best_p_by": "test/hit_rate"})
+    assert cfg.report == {**defaults, "best_p_by": "test/hit_rate"}
+    opts = ReportOptions.resolve({"best_p_by": "a/b", "not_an_option": 1}, None, {"attributes": ["age"]})
+    assert opts == ReportOptions(best_p_by="a/b", attributes=("age",))
+
+
 def test_report_script(crafted, tmp_path, capsys):
     import importlib.util
 
     root, _, _ = crafted
     spec = importlib.util.spec_from_file_location(
-        "report_script", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
-                                      "report.py"))
+        "report_script",
+        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "report.py"),
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "rep"

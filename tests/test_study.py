@@ -3,6 +3,7 @@
 Most tests drive a stub trainer (a tiny script injected through ``train_command``) so that they do not train; one
 end-to-end test runs a real mini study (2 settings x 1 seed, tiny data, 1 epoch) through the report.
 """
+
 import json
 import os
 import sys
@@ -12,14 +13,14 @@ import pytest
 import yaml
 
 from bundle import study
-from bundle.study import load_study_config, run_study
+from bundle.study import layout, load_study_config, run_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_YAML = os.path.join(ROOT, "configs", "study.yaml")
 
 # A stand-in for the training job: parses `--key value`, records the call, fails for run names listed in
 # $STUB_FAIL, and otherwise writes the summary.json a real run writes at its end.
-STUB = textwrap.dedent('''
+STUB = textwrap.dedent("""
     import json, os, sys
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
     a = {k[2:]: v for k, v in args.items()}
@@ -44,7 +45,7 @@ STUB = textwrap.dedent('''
                 f"{s}_a/sex/gap_auc": 0.3 - 0.2 * p} for s in ("test", "test_ood")}
     os.makedirs(os.path.join(out, "report"), exist_ok=True)
     json.dump(summ, open(os.path.join(out, "report", "summary.json"), "w"))
-''')
+""")
 
 
 def _stub_config(tmp_path, **extra) -> str:
@@ -52,7 +53,9 @@ def _stub_config(tmp_path, **extra) -> str:
     (tmp_path / "stub.py").write_text(STUB)
     (tmp_path / "datalist.json").write_text("{}")
     cfg = {
-        "name": "stubstudy", "output_root": str(tmp_path / "results"), "seeds": [0, 1],
+        "name": "stubstudy",
+        "output_root": str(tmp_path / "results"),
+        "seeds": [0, 1],
         "train_command": [sys.executable, str(tmp_path / "stub.py")],
         "grid": {"groups": ["alignment", "random"], "alignment_fractions": [0.0, 1.0]},
         "train_overrides": {"datalist_file": str(tmp_path / "datalist.json")},
@@ -81,9 +84,20 @@ def stub_env(tmp_path, monkeypatch):
 def test_default_grid_ids_and_dedup():
     cfg = load_study_config(STUDY_YAML)
     ids = [s.id for s in cfg.settings]
-    assert ids == ["p0.00", "p0.25", "p0.50", "p0.75", "p1.00", "random_p1.00",
-                   "ratio0.25_p0.00", "ratio0.25_p1.00", "ratio0.50_p0.00", "ratio0.50_p1.00",
-                   "ratio0.75_p0.00", "ratio0.75_p1.00"]
+    assert ids == [
+        "p0.00",
+        "p0.25",
+        "p0.50",
+        "p0.75",
+        "p1.00",
+        "random_p1.00",
+        "ratio0.25_p0.00",
+        "ratio0.25_p1.00",
+        "ratio0.50_p0.00",
+        "ratio0.50_p1.00",
+        "ratio0.75_p0.00",
+        "ratio0.75_p1.00",
+    ]
     # data ratio 1 at p = 0 / p = 1 is the same training as the alignment setting: trained once, in both groups
     by = {s.id: s for s in cfg.settings}
     assert by["p0.00"].groups == ("alignment", "data_ratio") and by["p0.50"].groups == ("alignment",)
@@ -107,25 +121,35 @@ def test_profiles_and_overrides(monkeypatch):
     paper = load_study_config(STUDY_YAML, profile="paper")
     assert [os.path.basename(p) for p in paper.train_config] == ["train.yaml", "paper.yaml"]
     assert paper.seeds == [0, 1, 2, 3, 4]  # "seeds: 5" is a count
-    cfg = load_study_config(STUDY_YAML, profile="quick", overrides={"seeds": [3], "grid.groups": ["alignment"]},
-                            train_overrides={"max_epochs": 2, "network_def#vit_layers": 2}, name="q2")
+    cfg = load_study_config(
+        STUDY_YAML,
+        profile="quick",
+        overrides={"seeds": [3], "grid.groups": ["alignment"]},
+        train_overrides={"max_epochs": 2, "network_def#vit_layers": 2},
+        name="q2",
+    )
     assert cfg.seeds == [3] and len(cfg.runs) == 5 and cfg.name == "q2"
-    assert cfg.train_overrides["max_epochs"] == 2 and cfg.train_overrides["image_size"] == quick.train_overrides[
-        "image_size"]  # merged, not replaced
+    assert (
+        cfg.train_overrides["max_epochs"] == 2
+        and cfg.train_overrides["image_size"] == quick.train_overrides["image_size"]
+    )  # merged, not replaced
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert load_study_config(STUDY_YAML).tracking_uri == "http://mlflow.example:5000"
     assert load_study_config(STUDY_YAML, tracking_uri="sqlite:////tmp/x.db").tracking_uri == "sqlite:////tmp/x.db"
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"profile": "nope"}, "profile 'nope'"),
-    ({"train_overrides": {"seed": 3}}, "train_overrides sets ['seed']"),
-    ({"overrides": {"grid.alignment_fractions": [0.5, 2]}}, "grid.alignment_fractions"),
-    ({"overrides": {"grid.groups": ["alignment", "bogus"]}}, "grid.groups"),
-    ({"overrides": {"seeds": [1, 1]}}, "seeds"),
-    ({"overrides": {"grid.data_ratios": [0]}}, "grid.data_ratios"),
-    ({"name": "a/b"}, "plain folder name"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"profile": "nope"}, "profile 'nope'"),
+        ({"train_overrides": {"seed": 3}}, "train_overrides sets ['seed']"),
+        ({"overrides": {"grid.alignment_fractions": [0.5, 2]}}, "grid.alignment_fractions"),
+        ({"overrides": {"grid.groups": ["alignment", "bogus"]}}, "grid.groups"),
+        ({"overrides": {"seeds": [1, 1]}}, "seeds"),
+        ({"overrides": {"grid.data_ratios": [0]}}, "grid.data_ratios"),
+        ({"name": "a/b"}, "plain folder name"),
+    ],
+)
 def test_bad_config_says_what_to_fix(kwargs, needle):
     with pytest.raises(ValueError, match="study.yaml") as e:
         load_study_config(STUDY_YAML, **kwargs)
@@ -137,8 +161,7 @@ def test_shards_partition_and_only():
     parts = [study.select_runs(runs, (i, 3)) for i in (1, 2, 3)]
     ids = [r.run_id for part in parts for r in part]
     assert sorted(ids) == sorted(r.run_id for r in runs) and len(ids) == len(set(ids))
-    assert [r.run_id for r in study.select_runs(runs, only=["random_*"])] == [f"random_p1.00_seed{s}"
-                                                                              for s in range(5)]
+    assert [r.run_id for r in study.select_runs(runs, only=["random_*"])] == [f"random_p1.00_seed{s}" for s in range(5)]
     assert len(study.select_runs(runs, only=["p1.00"])) == 5  # a setting id selects all its seeds
     assert study.parse_shard("2/3") == (2, 3) and study.parse_shard(None) is None
     for bad in ("0/3", "4/3", "x", "1-3"):
@@ -149,12 +172,16 @@ def test_shards_partition_and_only():
 def test_command_values_parse_back_through_fire(tmp_path):
     from fire.parser import DefaultParseValue
 
-    cfg = load_study_config(STUDY_YAML, profile="quick", study_dir=str(tmp_path / "s"),
-                            train_overrides={"network_def#vit_layers": 2, "synthetic_params": {"n_train": 64}})
+    cfg = load_study_config(
+        STUDY_YAML,
+        profile="quick",
+        study_dir=str(tmp_path / "s"),
+        train_overrides={"network_def#vit_layers": 2, "synthetic_params": {"n_train": 64}},
+    )
     spec = next(r for r in cfg.runs if r.run_id == "random_p1.00_seed1")
     cmd = study.train_command(cfg, spec, datalist_file="/data/dl.json", parent_run_id="0123456789")
     assert cmd[:5] == [sys.executable, "-m", "monai.bundle", "run", "training"]
-    args = {k[2:]: DefaultParseValue(v) for k, v in zip(cmd[7::2], cmd[8::2])}
+    args = {k[2:]: DefaultParseValue(v) for k, v in zip(cmd[7::2], cmd[8::2], strict=True)}
     assert args["alignment_fraction"] == 1.0 and args["random_alignment"] is True and args["seed"] == 1
     assert args["data_ratio"] == 1.0 and args["run_name"] == "random_p1.00_seed1"
     assert args["mlflow_parent_run_id"] == "0123456789"  # stays a string although it looks like a number
@@ -201,8 +228,11 @@ def test_failed_run_is_reported_and_retried_finished_runs_skipped(stub_env):
 
 
 def test_exit_zero_without_summary_is_a_failure(stub_env):
-    cfg = load_study_config(_stub_config(stub_env, seeds=[0]), train_overrides={"skip_summary": 1},
-                            overrides={"grid.groups": ["alignment"], "grid.alignment_fractions": [0.0]})
+    cfg = load_study_config(
+        _stub_config(stub_env, seeds=[0]),
+        train_overrides={"skip_summary": 1},
+        overrides={"grid.groups": ["alignment"], "grid.alignment_fractions": [0.0]},
+    )
     res = run_study(cfg, report=False, log=lambda s: None)
     assert res.failed == ["p0.00_seed0"]
     why = json.load(open(os.path.join(cfg.study_dir, "runs", "p0.00_seed0", "FAILED")))["why"]
@@ -212,7 +242,7 @@ def test_exit_zero_without_summary_is_a_failure(stub_env):
 def test_locked_run_is_left_to_its_owner_and_shards(stub_env):
     cfg = load_study_config(_stub_config(stub_env))
     spec = next(r for r in cfg.runs if r.run_id == "p0.00_seed0")
-    with study._try_lock(os.path.join(cfg.run_dir(spec), study.LOCK)) as fd:  # "another machine" runs it
+    with layout.try_run_lock(cfg.run_dir(spec)) as fd:  # "another machine" runs it
         assert fd is not None
         assert run_study(cfg, dry_run=True, log=lambda s: None).statuses["p0.00_seed0"] == "running"
         res = run_study(cfg, shard=(1, 2), report=False, log=lambda s: None)
@@ -256,9 +286,24 @@ def test_sigterm_stops_the_children_and_leaves_runs_resumable(stub_env):
 
     path = _stub_config(stub_env, seeds=[0])
     env = {**os.environ, "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "scripts", "run_study.py"), "--config", path,
-                             "--workers", "2", "--train", "stub_sleep=60", "--set", "grid.groups=[alignment]"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "run_study.py"),
+            "--config",
+            path,
+            "--workers",
+            "2",
+            "--train",
+            "stub_sleep=60",
+            "--set",
+            "grid.groups=[alignment]",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 60
     while len(_calls(stub_env)) < 2 and time.time() < deadline:
         time.sleep(0.2)
@@ -284,21 +329,19 @@ def test_unreachable_mlflow_server_does_not_stop_the_study(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-TINY_SYNTH = {"n_train": 64, "n_val": 32, "n_test": 32, "n_ood": 32, "size_a": [64, 64], "size_b": [80, 72]}
-
-
 @pytest.mark.slow
-def test_real_mini_study_end_to_end(tmp_path, monkeypatch):
+def test_real_mini_study_end_to_end(tmp_path, monkeypatch, tiny_datalist):
     """2 settings x 1 seed of the real training (tiny data and network, 1 epoch), 2 workers, then the report."""
     from mlflow import MlflowClient
 
-    from bundle.data.synthetic import ensure_synthetic
-
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    datalist = ensure_synthetic(str(tmp_path / "synthetic"), seed=5, progress=False, **TINY_SYNTH)
-    cfg = load_study_config(STUDY_YAML, profile="smoke", study_dir=str(tmp_path / "study"),
-                            overrides={"grid.groups": ["alignment"]},
-                            train_overrides={"datalist_file": datalist, "eval_splits": ["test_ood"]})
+    cfg = load_study_config(
+        STUDY_YAML,
+        profile="smoke",
+        study_dir=str(tmp_path / "study"),
+        overrides={"grid.groups": ["alignment"]},
+        train_overrides={"datalist_file": tiny_datalist, "eval_splits": ["test_ood"]},
+    )
     lines = []
     res = run_study(cfg, workers=2, log=lines.append)
     assert res.ok, "\n".join(lines)
@@ -310,8 +353,16 @@ def test_real_mini_study_end_to_end(tmp_path, monkeypatch):
         assert set(summ) == {"test_ood"}  # eval_splits reached the training
 
     rep = os.path.join(cfg.study_dir, "report")
-    for name in ("results.md", "results.csv", "aggregated.csv", "table2.csv", "positive_control.csv",
-                 "fig3_gap_vs_performance.png", "fig6_radar.png", "attention_gallery_test_ood.png"):
+    for name in (
+        "results.md",
+        "results.csv",
+        "aggregated.csv",
+        "table2.csv",
+        "positive_control.csv",
+        "fig3_gap_vs_performance.png",
+        "fig6_radar.png",
+        "attention_gallery_test_ood.png",
+    ):
         assert os.path.getsize(os.path.join(rep, name)) > 200, name
     md = open(os.path.join(rep, "results.md")).read()
     assert "| p = 0 |" in md and "| p = 1 |" in md and "comparisons" in md
@@ -319,7 +370,8 @@ def test_real_mini_study_end_to_end(tmp_path, monkeypatch):
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     parent = json.load(open(os.path.join(cfg.study_dir, "mlflow_parent.json")))["run_id"]
     exp = client.get_experiment_by_name(cfg.experiment_name)
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    parent_filter = f"tags.mlflow.parentRunId = '{parent}'"  # noqa: B907 (MLflow wants single quotes)
+    children = client.search_runs([exp.experiment_id], filter_string=parent_filter)
     assert sorted(r.info.run_name for r in children) == ["p0.00_seed0", "p1.00_seed0"]
     for r in children:
         assert r.info.status == "FINISHED"

@@ -1,0 +1,158 @@
+"""Command lines of scripts/run_study.py and scripts/report.py (the scripts only call :func:`run_study_main` and
+:func:`report_main`), and the parsers of their values (``--set``/``--train`` assignments, ``--shard i/n``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+
+import yaml
+
+from bundle.study.config import DEFAULT_STUDY_YAML, ReportOptions, load_study_config
+from bundle.study.report import make_report
+from bundle.study.runner import run_study
+
+__all__ = ["parse_assignments", "parse_shard", "run_study_main", "report_main"]
+
+
+def parse_assignments(items: Iterable[str], what: str) -> dict:
+    """['a.b=1', 'x=[0, 1]'] -> {'a.b': 1, 'x': [0, 1]} (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"{what} {item!r}: write it as KEY=VALUE, e.g. {what} max_epochs=3")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'2/3' -> (2, 3): this machine takes runs 2, 5, 8, ... (1-based) of the study's fixed run order."""
+    if text in (None, ""):
+        return None
+    try:
+        i, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: write it as i/n with 1 <= i <= n, e.g. --shard 1/3") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--shard {text!r}: need 1 <= i <= n (shards are numbered from 1), e.g. --shard 1/{max(n, 1)}")
+    return i, n
+
+
+def run_study_main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """scripts/run_study.py: 0 when every selected run is done, 1 when any failed, 2 on a usage error, 130 when
+    interrupted."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=DEFAULT_STUDY_YAML, help="study YAML (default configs/study.yaml)")
+    ap.add_argument("--profile", default=None, help="a profile of the YAML: default, quick, paper, smoke, ...")
+    ap.add_argument("--name", default=None, help="study name (folder <output_root>/<name>); default: the profile's")
+    ap.add_argument("--output-dir", default=None, help="the study folder itself (overrides output_root/name)")
+    ap.add_argument("--workers", type=int, default=1, help="trainings at a time on this machine (default 1)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads per training (default cores // workers)")
+    ap.add_argument("--gpus", default=None, help="comma-separated GPU ids; worker k uses GPU k mod len (e.g. 0,1)")
+    ap.add_argument("--shard", default=None, help="i/n: this machine takes every n-th run starting at the i-th")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only runs whose id or setting matches (repeatable), e.g. 'p0.*' or 'random_*_seed0'",
+    )
+    ap.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow URI (default $MLFLOW_TRACKING_URI, else SQLite in the study folder)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a study key (YAML value, dotted keys), e.g. --set seeds=[0,1] --set grid.groups=[alignment]",
+    )
+    ap.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a train.yaml key for every run (YAML value), e.g. --train max_epochs=3",
+    )
+    ap.add_argument("--dry-run", action="store_true", help="list the runs and their status; start nothing")
+    ap.add_argument(
+        "--redo-stale", action="store_true", help="redo finished runs whose configuration differs from the current one"
+    )
+    ap.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    try:
+        cfg = load_study_config(
+            args.config,
+            profile=args.profile,
+            overrides=parse_assignments(args.set, "--set"),
+            train_overrides=parse_assignments(args.train, "--train"),
+            name=args.name,
+            study_dir=args.output_dir,
+            tracking_uri=args.tracking_uri,
+        )
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        res = run_study(
+            cfg,
+            workers=args.workers,
+            shard=parse_shard(args.shard),
+            only=args.only,
+            dry_run=args.dry_run,
+            report=not args.no_report,
+            redo_stale=args.redo_stale,
+            threads=args.threads,
+            gpus=gpus,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if res.interrupted:
+        return 130
+    return 0 if res.ok else 1
+
+
+def report_main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
+    """scripts/report.py: 0 when the report was written, 2 on a usage error (no study, no finished run)."""
+    d = ReportOptions
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("study_dir", help="the study folder (default of the runner: results/<name>)")
+    ap.add_argument("--out", default=None, help="report folder (default <study_dir>/report)")
+    ap.add_argument(
+        "--best-p-by",
+        default=None,
+        metavar="SPLIT/METRIC",
+        help=f"choose Table 2's best p by this mean (default: the study's report.best_p_by, {d.best_p_by})",
+    )
+    ap.add_argument(
+        "--control-split", default=None, help=f"split of the positive-control table (default {d.control_split})"
+    )
+    ap.add_argument("--attributes", default=None, help=f"comma-separated attributes (default {','.join(d.attributes)})")
+    ap.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent MLflow run")
+    args = ap.parse_args(argv)
+    opts = {
+        k: v
+        for k, v in {
+            "best_p_by": args.best_p_by,
+            "control_split": args.control_split,
+            "attributes": args.attributes.split(",") if args.attributes else None,
+        }.items()
+        if v is not None
+    }
+    try:
+        out = make_report(args.study_dir, out_dir=args.out, options=opts, mlflow=not args.no_mlflow)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lb, tb = out["lowered_best_p"]
+    print(
+        f"{out['n_runs']} finished runs; best p = {out['best_p']} ({out['best_p_how']}); alignment lowered the gap "
+        f"in {lb} of {tb} comparisons (best p), {out['lowered_p1'][0]} of {out['lowered_p1'][1]} (p = 1)"
+    )
+    print(f"report: {os.path.join(out['report_dir'], 'results.md')}")
+    return 0

@@ -1,0 +1,272 @@
+"""The study configuration: configs/study.yaml, its profiles and overrides -> :class:`StudyConfig`; the report's
+options and their defaults (:class:`ReportOptions`, defined here once: the runner records them, the report reads them).
+
+    cfg = load_study_config("configs/study.yaml", profile="quick", train_overrides={"max_epochs": 3})
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+
+import yaml
+
+from bundle.study.grid import DEFAULT_GRID, RunSpec, Setting, build_settings, expand_runs
+from bundle.study.layout import BUNDLE_ROOT
+
+__all__ = [
+    "DEFAULT_STUDY_YAML",
+    "RESERVED_TRAIN_KEYS",
+    "STUDY_KEYS",
+    "DEFAULT_COMMAND",
+    "ReportOptions",
+    "StudyConfig",
+    "load_study_config",
+    "deep_merge",
+    "resolve_path",
+]
+
+DEFAULT_STUDY_YAML = os.path.join(BUNDLE_ROOT, "configs", "study.yaml")
+# keys the study sets for every run: a profile must not set them in train_overrides
+RESERVED_TRAIN_KEYS = (
+    "alignment_fraction",
+    "random_alignment",
+    "data_ratio",
+    "seed",
+    "output_dir",
+    "best_model_path",
+    "tracking_uri",
+    "experiment_name",
+    "run_name",
+    "mlflow_parent_run_id",
+    "mlflow_tags",
+)
+STUDY_KEYS = (
+    "name",
+    "output_root",
+    "train_config",
+    "train_command",
+    "experiment_name",
+    "tracking_uri",
+    "seeds",
+    "grid",
+    "train_overrides",
+    "report",
+    "profiles",
+    "default_profile",
+    "description",
+)
+DEFAULT_COMMAND = ["{python}", "-m", "monai.bundle", "run", "training", "--config_file", "{config_file}"]
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """The report's options (the ``report`` section of the study YAML) and their defaults, the only copy of them."""
+
+    control_split: str = "test_ood"  # the split of the positive-control table
+    best_p_by: str = "test/mean_auc"  # "best p" of Table 2 = the p > 0 with the highest mean of this split/metric
+    attributes: tuple[str, ...] = ("sex", "age")  # the attributes of the tables and figures (those found)
+    fig_gap_metric: str = "auc"  # the gap on the y axis of Fig. 3
+
+    @classmethod
+    def resolve(cls, *layers: Mapping | None) -> ReportOptions:
+        """The defaults updated by each mapping in turn (later wins); keys that are not options are ignored."""
+        known = {f.name for f in fields(cls)}
+        merged: dict = {}
+        for layer in layers:
+            merged.update({k: v for k, v in (layer or {}).items() if k in known})
+        if "attributes" in merged:
+            merged["attributes"] = tuple(merged["attributes"])
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["attributes"] = list(self.attributes)
+        return d
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    study_dir: str
+    profile: str
+    train_config: list[str]
+    train_command: list[str]
+    seeds: list[int]
+    grid: dict
+    train_overrides: dict
+    experiment_name: str
+    tracking_uri: str
+    report: dict
+    source: str = ""
+    description: str = ""
+    settings: list[Setting] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[RunSpec]:
+        return expand_runs(self.settings, self.seeds)
+
+    def run_dir(self, spec: RunSpec) -> str:
+        return os.path.join(self.study_dir, "runs", spec.run_id)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "study_dir": self.study_dir,
+            "profile": self.profile,
+            "train_config": self.train_config,
+            "train_command": self.train_command,
+            "seeds": self.seeds,
+            "grid": self.grid,
+            "train_overrides": self.train_overrides,
+            "experiment_name": self.experiment_name,
+            "tracking_uri": self.tracking_uri,
+            "report": self.report,
+            "source": self.source,
+            "description": self.description,
+            "settings": [s.fields() for s in self.settings],
+        }
+
+
+def deep_merge(base: dict, over: Mapping) -> dict:
+    """``over`` on a copy of ``base``: mappings merged key by key, lists and values replaced."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(dict(out[k]), v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def resolve_path(path: str, base: str = BUNDLE_ROOT) -> str:
+    """``path`` (``~`` expanded) made absolute relative to ``base`` (the bundle root) unless it is absolute."""
+    path = os.path.expanduser(str(path))
+    return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+
+
+def _set_dotted(d: dict, key: str, value) -> None:
+    parts = key.split(".")
+    cur = d
+    for p in parts[:-1]:
+        if not isinstance(cur.get(p), dict):
+            cur[p] = {}
+        cur = cur[p]
+    cur[parts[-1]] = value
+
+
+def _sqlite_uri(study_dir: str) -> str:
+    return "sqlite:///" + os.path.join(os.path.abspath(study_dir), "mlruns.db")
+
+
+def load_study_config(
+    path: str = DEFAULT_STUDY_YAML,
+    profile: str | None = None,
+    overrides: Mapping | None = None,
+    train_overrides: Mapping | None = None,
+    name: str | None = None,
+    study_dir: str | None = None,
+    tracking_uri: str | None = None,
+) -> StudyConfig:
+    """Read the study YAML, apply a profile (deep-merged over the top level), then ``overrides`` (dotted keys, e.g.
+    ``{"seeds": [0, 1], "grid.groups": ["alignment"]}``) and ``train_overrides`` (train.yaml keys).
+
+    Relative paths in the YAML (``output_root``, ``train_config``) are relative to the bundle root. The study folder
+    is ``<output_root>/<name>`` unless ``study_dir`` is given. Tracking: ``tracking_uri`` argument, else the YAML's,
+    else ``MLFLOW_TRACKING_URI``, else SQLite in the study folder.
+    """
+    where = os.path.abspath(path)
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"study config {where} not found; pass --config configs/study.yaml (the default) "
+            "or the path of your own copy"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping of study keys at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(STUDY_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; valid: {list(STUDY_KEYS)}")
+    profiles = raw.get("profiles") or {}
+    profile = profile or raw.get("default_profile") or "default"
+    if profile not in profiles and profile != "default":
+        raise ValueError(
+            f"{where}: profile {profile!r} is not defined under `profiles`; choose one of "
+            f"{sorted(profiles)} or add it to the file"
+        )
+    prof = profiles.get(profile) or {}
+    bad = sorted(set(prof) - set(STUDY_KEYS) - {"profiles", "default_profile"})
+    if bad:
+        raise ValueError(f"{where}: profiles.{profile} has unknown key(s) {bad}; valid: {list(STUDY_KEYS)}")
+    cfg = deep_merge({k: v for k, v in raw.items() if k not in ("profiles", "default_profile")}, prof)
+    for k, v in (overrides or {}).items():
+        _set_dotted(cfg, k, v)
+    cfg["train_overrides"] = deep_merge(cfg.get("train_overrides") or {}, train_overrides or {})
+    where_p = f"{where} (profile {profile})"
+
+    nm = name or cfg.get("name") or f"study_{profile}"
+    if not isinstance(nm, str) or not nm or any(c in nm for c in "/\\ ") or nm.startswith("."):
+        raise ValueError(f"{where_p}: name {nm!r} must be a plain folder name (no slashes or spaces), e.g. quick")
+    root = resolve_path(cfg.get("output_root") or "results")
+    sdir = os.path.abspath(study_dir) if study_dir else os.path.join(root, nm)
+    tc = cfg.get("train_config") or ["configs/train.yaml"]
+    tc = [tc] if isinstance(tc, str) else list(tc)
+    tc = [resolve_path(p) for p in tc]
+    for p in tc:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(
+                f"{where_p}: train_config {p} does not exist; list training YAMLs relative to "
+                "the bundle root, e.g. [configs/train.yaml, configs/paper.yaml]"
+            )
+    cmd = cfg.get("train_command") or DEFAULT_COMMAND
+    if not isinstance(cmd, list | tuple) or not all(isinstance(c, str) for c in cmd):
+        raise ValueError(
+            f"{where_p}: train_command must be a list of strings (placeholders {{python}}, "
+            f"{{config_file}}, {{bundle_root}}), got {cmd!r}"
+        )
+    seeds = cfg.get("seeds", [0, 1, 2, 3, 4])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = list(range(seeds))
+    if (
+        not isinstance(seeds, list | tuple)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(
+            f"{where_p}: seeds must be a count (e.g. 5 = seeds 0..4) or a list of distinct integers, got {seeds!r}"
+        )
+    grid = deep_merge(DEFAULT_GRID, cfg.get("grid") or {})
+    settings = build_settings(grid, where_p)
+    tov = cfg["train_overrides"]
+    if not isinstance(tov, dict):
+        raise ValueError(f"{where_p}: train_overrides must be a mapping of train.yaml keys, got {tov!r}")
+    clash = sorted(set(tov) & set(RESERVED_TRAIN_KEYS))
+    if clash:
+        raise ValueError(
+            f"{where_p}: train_overrides sets {clash}, which the study sets per run; change the grid "
+            "(grid.*, seeds) or the study options (--tracking-uri, experiment_name) instead"
+        )
+    uri = tracking_uri or cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(sdir)
+    # the recorded report section: every option (the defaults of ReportOptions under the YAML's), unknown keys kept
+    report = deep_merge(ReportOptions().to_dict(), cfg.get("report") or {})
+    return StudyConfig(
+        name=nm,
+        study_dir=sdir,
+        profile=profile,
+        train_config=tc,
+        train_command=list(cmd),
+        seeds=list(seeds),
+        grid=grid,
+        train_overrides=dict(tov),
+        experiment_name=cfg.get("experiment_name") or f"cxr_aligner_study_{nm}",
+        tracking_uri=uri,
+        report=report,
+        source=where,
+        description=str(cfg.get("description") or ""),
+        settings=settings,
+    )

@@ -1,0 +1,334 @@
+"""The report's figures (matplotlib, Agg backend, written atomically): the paper's Figs. 3-6 and an attention gallery.
+
+    fig3_gap_vs_performance   macro gap vs mean AUC per alignment level, one panel per split x attribute
+    fig4_random_vs_aligned    baseline vs human-mask vs random-shape alignment: AUC, gaps, hit rate
+    fig5_data_ratio           AUC and gaps vs training data ratio, p = 0 vs p = 1
+    fig6_radar                macro accuracy, AUC, sensitivity, F1 per split, w/o vs best p
+    attention_gallery         the runs' attention overlays of one split side by side
+
+Each returns the path written, or None when the settings it needs have not finished.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from bundle.study.config import ReportOptions
+from bundle.study.report.collect import GAP_LABEL, Index
+from bundle.utils.atomic import save_figure_atomic
+
+__all__ = [
+    "fig3_gap_vs_performance",
+    "fig4_random_vs_aligned",
+    "fig5_data_ratio",
+    "fig6_radar",
+    "attention_gallery",
+    "figure_title",
+    "draw_figures",
+]
+
+FIGURE_TITLES = {
+    "fig3_gap_vs_performance.png": "Fig. 3: fairness gap vs performance per alignment level",
+    "fig4_random_vs_aligned.png": "Fig. 4: random vs human-mask alignment vs baseline",
+    "fig5_data_ratio.png": "Fig. 5: gap and AUC vs training data ratio",
+    "fig6_radar.png": "Fig. 6: performance radar per test split",
+}
+GALLERY_PREFIX = "attention_gallery_"
+
+
+def figure_title(name: str) -> str:
+    """The heading of a figure file in results.md."""
+    return FIGURE_TITLES.get(name, f"Attention gallery ({name[len(GALLERY_PREFIX):-4]})")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    return save_figure_atomic(path, fig, dpi=110)
+
+
+def _attr_gap_label(a: str, metric: str) -> str:
+    return f"{GAP_LABEL.get(metric, metric + ' gap')}, {a} (percentage points)"
+
+
+def fig3_gap_vs_performance(
+    idx: Index, path: str, attributes: Sequence[str], gap_metric: str = ReportOptions.fig_gap_metric
+) -> str | None:
+    """Fairness gap vs mean AUC for each alignment level (human masks, all data), error bars = sd over seeds."""
+    levels = idx.aligned()
+    if not levels or not idx.splits:
+        return None
+    plt = _plt()
+    cmap = plt.get_cmap("viridis")
+    nr, nc = len(attributes), len(idx.splits)
+    fig, axes = plt.subplots(nr, nc, figsize=(4.6 * nc, 3.8 * nr), squeeze=False)
+    for i, a in enumerate(attributes):
+        for j, split in enumerate(idx.splits):
+            ax = axes[i][j]
+            xs, ys = [], []
+            for p, s in levels.items():
+                x, xsd, _ = idx.get(s, split, "mean_auc")
+                y, ysd, _ = idx.get(s, split, f"macro/{a}/gap_{gap_metric}")
+                if not (math.isfinite(x) and math.isfinite(y)):
+                    continue
+                col = cmap(0.85 * p if len(levels) > 1 else 0.4)  # viridis' yellow end is unreadable on white
+                ax.errorbar(
+                    100 * x,
+                    100 * y,
+                    xerr=100 * xsd if math.isfinite(xsd) else None,
+                    yerr=100 * ysd if math.isfinite(ysd) else None,
+                    fmt="o",
+                    color=col,
+                    capsize=3,
+                    ms=7,
+                    label=f"p = {p:g}",
+                )
+                ax.annotate(f"{p:g}", (100 * x, 100 * y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+                xs.append(100 * x)
+                ys.append(100 * y)
+            if len(xs) > 1:
+                ax.plot(xs, ys, ":", color="grey", lw=1, zorder=0)
+            if not xs:
+                ax.text(
+                    0.5,
+                    0.5,
+                    "gap undefined\n(too few positives per subgroup)",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="grey",
+                )
+            ax.set_xlabel(f"mean AUC over findings, {split} (%)")
+            ax.set_ylabel(_attr_gap_label(a, gap_metric))
+            ax.set_title(f"{split}: {a}")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0 and xs:
+                ax.legend(title="alignment fraction", fontsize=8)
+    fig.suptitle(
+        "Fig. 3: fairness gap vs performance per alignment level (mean ± sd over seeds; lower-right is better)"
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig4_random_vs_aligned(idx: Index, path: str, attributes: Sequence[str]) -> str | None:
+    """Baseline (p = 0) vs aligned (human masks) vs random shapes at the same p: AUC, gaps, hit rate."""
+    rnd = idx.random()
+    aligned = idx.aligned()
+    if not rnd or 0.0 not in aligned:
+        return None
+    p = max(rnd)
+    models = [("baseline (p = 0)", aligned[0.0], "#7f7f7f")]
+    if p in aligned:
+        models.append((f"aligned, human masks (p = {p:g})", aligned[p], "#1f77b4"))
+    models.append((f"aligned, random shapes (p = {p:g})", rnd[p], "#ff7f0e"))
+    panels = [("mean_auc", "mean AUC over findings (%)")]
+    panels += [(f"macro/{a}/gap_auc", f"AUC gap, {a} (percentage points)") for a in attributes]
+    panels += [("hit_rate", "hit rate of the attention (%)")]
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    width = 0.8 / len(models)
+    x = np.arange(len(idx.splits))
+    for ax, (metric, ylabel) in zip(axes[0], panels, strict=True):
+        for k, (label, s, col) in enumerate(models):
+            vals = [idx.get(s, sp, metric) for sp in idx.splits]
+            xs = x + (k - (len(models) - 1) / 2) * width
+            # undefined values (e.g. a gap without two eligible subgroups) get no bar but an "n/a", never a 0 bar
+            ax.bar(
+                xs,
+                [100 * v[0] if math.isfinite(v[0]) else np.nan for v in vals],
+                width,
+                yerr=[100 * v[1] if math.isfinite(v[1]) else 0 for v in vals],
+                capsize=3,
+                color=col,
+                label=label,
+            )
+            for xi, v in zip(xs, vals, strict=True):
+                if not math.isfinite(v[0]):
+                    ax.text(
+                        xi,
+                        0.02,
+                        "n/a",
+                        ha="center",
+                        va="bottom",
+                        fontsize=7,
+                        rotation=90,
+                        color="grey",
+                        transform=ax.get_xaxis_transform(),
+                    )
+        ax.set_xlim(-0.5, len(idx.splits) - 0.5)
+        if ax.get_ylim()[0] < 0:  # nothing finite to draw: keep a positive axis
+            ax.set_ylim(0, 1)
+        ax.set_xticks(x, idx.splits)
+        ax.set_xlabel("test split")
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(models), fontsize=9, bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle("Fig. 4: random vs human-mask alignment vs baseline (mean ± sd over seeds)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return _save(fig, path)
+
+
+def fig5_data_ratio(idx: Index, path: str, attributes: Sequence[str]) -> str | None:
+    """Mean AUC and AUC gaps vs training data ratio, with and without alignment."""
+    ps = sorted(
+        {m["alignment_fraction"] for m in idx.meta.values() if m["data_ratio"] != 1.0 and not m["random_alignment"]}
+    )
+    if not ps:
+        return None
+    plt = _plt()
+    panels = [("mean_auc", "mean AUC over findings (%)")]
+    panels += [(f"macro/{a}/gap_auc", f"AUC gap, {a} (percentage points)") for a in attributes]
+    nr, nc = len(panels), len(idx.splits)
+    fig, axes = plt.subplots(nr, nc, figsize=(4.4 * nc, 3.2 * nr), squeeze=False)
+    colors = plt.get_cmap("viridis")
+    for i, (metric, ylabel) in enumerate(panels):
+        for j, split in enumerate(idx.splits):
+            ax = axes[i][j]
+            for p in ps:
+                series = idx.ratios(p)
+                r = [100 * k for k in series]
+                v = [idx.get(s, split, metric) for s in series.values()]
+                ax.errorbar(
+                    r,
+                    [100 * t[0] for t in v],
+                    yerr=[100 * t[1] if math.isfinite(t[1]) else 0 for t in v],
+                    marker="o",
+                    capsize=3,
+                    color=colors(0.85 * p if len(ps) > 1 else 0.4),
+                    label=f"p = {p:g}" + (" (no alignment)" if p == 0 else ""),
+                )
+            ax.set_xlabel("training data ratio (% of patients)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(split)
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle("Fig. 5: performance and fairness gap vs training data ratio (mean ± sd over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def fig6_radar(idx: Index, path: str, models: Sequence[tuple[str, str]]) -> str | None:
+    """Radar of macro accuracy, AUC, sensitivity and F1 (%) per test split, with and without alignment."""
+    metrics = [("accuracy", "accuracy"), ("auc", "AUC"), ("sensitivity", "sensitivity"), ("f1", "F1")]
+    if not models or not idx.splits:
+        return None
+    plt = _plt()
+    ang = np.linspace(0, 2 * np.pi, len(metrics), endpoint=False)
+    fig, axes = plt.subplots(
+        1, len(idx.splits), figsize=(4.6 * len(idx.splits), 4.6), squeeze=False, subplot_kw={"polar": True}
+    )
+    cols = ["#7f7f7f", "#1f77b4", "#2ca02c", "#d62728"]
+    for ax, split in zip(axes[0], idx.splits, strict=True):
+        for k, (label, s) in enumerate(models):
+            vals = [idx.get(s, split, f"macro/{m}")[0] for m, _ in metrics]
+            if not any(math.isfinite(v) for v in vals):
+                continue
+            v = np.asarray([100 * x if math.isfinite(x) else 0.0 for x in vals])
+            ax.plot(
+                np.r_[ang, ang[:1]],
+                np.r_[v, v[:1]],
+                "--o" if k == 0 else "-o",
+                color=cols[k % len(cols)],
+                label=label,
+                ms=4,
+            )  # dashed baseline stays visible where the polygons coincide
+            ax.fill(np.r_[ang, ang[:1]], np.r_[v, v[:1]], color=cols[k % len(cols)], alpha=0.12)
+        ax.set_xticks(ang, [f"{n} (%)" for _, n in metrics])
+        ax.tick_params(axis="x", pad=12)
+        ax.set_rlabel_position(45)
+        ax.set_ylim(0, 100)
+        ax.set_title(split, pad=18)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(loc="lower left", bbox_to_anchor=(-0.25, -0.25), fontsize=8)
+    fig.suptitle("Fig. 6: performance per test split (macro over findings, mean over seeds)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def attention_gallery(
+    runs: Sequence[Mapping], idx: Index, split: str, models: Sequence[tuple[str, str]], path: str
+) -> str | None:
+    """The attention overlays of one seed per model side by side. Each run draws its overlays from the first positive,
+    annotated findings of the split in datalist order, so every panel shows the same test images."""
+    by = {(r["setting"], r["seed"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs})
+    pick = None
+    for seed in seeds:
+        files = [
+            (
+                os.path.join(by[(s, seed)]["dir"], "eval", "report", split, "plots", "attention_overlays.png")
+                if (s, seed) in by
+                else None
+            )
+            for _, s in models
+        ]
+        if all(f and os.path.isfile(f) for f in files):
+            pick = (seed, files)
+            break
+    if pick is None:
+        return None
+    plt = _plt()
+    seed, files = pick
+    imgs = [plt.imread(f) for f in files]
+    fig, axes = plt.subplots(1, len(imgs), figsize=(6.5 * len(imgs), 7.5), squeeze=False)
+    for ax, img, (label, _) in zip(axes[0], imgs, models, strict=True):
+        ax.imshow(img)
+        ax.set_title(f"{label} (seed {seed})", fontsize=13)
+        ax.axis("off")
+    fig.suptitle(
+        f"Attention gallery, {split}: the same test images without and with alignment\n"
+        "(heat = model attention, green = human mask, + = attention peak)",
+        fontsize=14,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return _save(fig, path)
+
+
+def draw_figures(
+    runs: Sequence[Mapping],
+    idx: Index,
+    out_dir: str,
+    attributes: Sequence[str],
+    gap_metric: str,
+    paper_models: Sequence[tuple[str, str]],
+    p1: str | None,
+    best_s: str | None,
+) -> dict[str, str | None]:
+    """Every figure of the report into ``out_dir``: {file name: path, or None when not drawn}, in results.md order.
+
+    ``paper_models``: [(label, setting id)] of w/o and best p; the gallery adds p = 1 when it is not the best p.
+    """
+    figs: dict[str, str | None] = {}
+    figs["fig3_gap_vs_performance.png"] = fig3_gap_vs_performance(
+        idx, os.path.join(out_dir, "fig3_gap_vs_performance.png"), attributes, gap_metric
+    )
+    figs["fig4_random_vs_aligned.png"] = fig4_random_vs_aligned(
+        idx, os.path.join(out_dir, "fig4_random_vs_aligned.png"), attributes
+    )
+    figs["fig5_data_ratio.png"] = fig5_data_ratio(idx, os.path.join(out_dir, "fig5_data_ratio.png"), attributes)
+    figs["fig6_radar.png"] = fig6_radar(idx, os.path.join(out_dir, "fig6_radar.png"), list(paper_models))
+    gallery_models = list(paper_models)
+    if p1 and p1 != best_s:
+        gallery_models.append(("Aligner p = 1", p1))
+    for split in idx.splits:
+        name = f"{GALLERY_PREFIX}{split}.png"
+        figs[name] = (
+            attention_gallery(runs, idx, split, gallery_models, os.path.join(out_dir, name))
+            if len(gallery_models) >= 1
+            else None
+        )
+    return figs
