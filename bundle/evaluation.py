@@ -12,11 +12,11 @@ report with thresholds chosen on the validation split, and a report folder is wr
 
 All files are written atomically and logged to MLflow (metrics + artifacts) when a tracking URI is given.
 """
+
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -24,17 +24,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from ignite.engine import Events
 from monai.data import DataLoader, Dataset, DistributedSampler
 
-from bundle.utils.atomic import rows_to_csv, write_text_atomic
 from bundle.engines import AlignmentEvaluator
-from bundle.handlers import AlignmentFairnessMetric, MeanAUC, PredictionCollector, _rank
+from bundle.handlers import MeanAUC, OverlaySampler, PredictionCollector
+from bundle.metrics import groups_for_records, nanmean_or_nan
+from bundle.utils.atomic import rows_to_csv, write_json_atomic, write_text_atomic
+from bundle.utils.dist import is_rank0, unwrap
 from bundle.workflow import split_records
 
 logger = logging.getLogger("bundle")
 
-__all__ = ["collect_split", "evaluate", "load_checkpoint", "write_text_atomic"]
+__all__ = ["collect_split", "evaluate", "load_checkpoint"]
 
 
 def load_checkpoint(network: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:
@@ -45,38 +46,21 @@ def load_checkpoint(network: torch.nn.Module, path: str, strict: bool = True) ->
             f"configs/train.yaml) or pass --ckpt_path /path/to/model.pt"
         )
     state = torch.load(path, map_location="cpu", weights_only=True)
-    getattr(network, "module", network).load_state_dict(state, strict=strict)
+    unwrap(network).load_state_dict(state, strict=strict)
     return network
 
 
-class OverlaySampler:
-    """Keeps the first ``n`` positive, annotated (sample, class) pairs seen: image, attention, mask (rank 0)."""
-
-    def __init__(self, n: int = 16):
-        self.n, self.samples = n, []
-
-    def attach(self, engine) -> None:
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-
-    def __call__(self, engine) -> None:
-        if len(self.samples) >= self.n or _rank() != 0:
-            return
-        o = engine.state.output
-        if "attn" not in o or "attn_mask" not in o:
-            return
-        label, mask = o["label"].cpu(), o["attn_mask"].cpu()
-        for b, c in zip(*torch.nonzero((label == 1) & (mask.flatten(2).amax(-1) > 0), as_tuple=True)):
-            if len(self.samples) >= self.n:
-                break
-            self.samples.append({
-                "index": int(o["index"][b]), "class_index": int(c), "score": float(o["pred"][b, c]),
-                "image": o["image"][b, 0].cpu().numpy(), "attn": o["attn"][b, c].cpu().numpy(),
-                "mask": mask[b, c].numpy(),
-            })
-
-
-def collect_split(network, records, preprocessing, device, batch_size: int = 64, num_workers: int = 0,
-                  amp: bool = False, n_overlays: int = 16, classes: Sequence[str] | None = None) -> dict:
+def collect_split(
+    network,
+    records,
+    preprocessing,
+    device,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp: bool = False,
+    n_overlays: int = 16,
+    classes: Sequence[str] | None = None,
+) -> dict:
     """Run the evaluator over one split: arrays sorted by index (pred, label, hit, mass), overlays, mean AUC."""
     ds = Dataset(data=list(records), transform=preprocessing)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -84,12 +68,20 @@ def collect_split(network, records, preprocessing, device, batch_size: int = 64,
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers)
     collector, overlays = PredictionCollector(), OverlaySampler(n_overlays)
     evaluator = AlignmentEvaluator(
-        device=device, val_data_loader=loader, network=network, key_val_metric={"mean_auc": MeanAUC()},
-        additional_metrics={"collected": collector}, val_handlers=[overlays], amp=amp,
+        device=device,
+        val_data_loader=loader,
+        network=network,
+        key_val_metric={"mean_auc": MeanAUC()},
+        additional_metrics={"collected": collector},
+        val_handlers=[overlays],
+        amp=amp,
     )
     evaluator.run()
-    return {"arrays": collector.last, "mean_auc": float(evaluator.state.metrics["mean_auc"]),
-            "overlays": overlays.samples}
+    return {
+        "arrays": collector.last,
+        "mean_auc": float(evaluator.state.metrics["mean_auc"]),
+        "overlays": overlays.samples,
+    }
 
 
 def _metadata_columns(records, index) -> dict[str, list]:
@@ -154,13 +146,19 @@ def evaluate(
     classes = list(datalist["classes"])
     own_run = False
     if mlflow_logger is not None and mlflow_logger.cur_run is None:
-        own_run = mlflow_logger.start_standalone({"evaluated_checkpoint": ckpt_path, "splits": list(splits),
-                                                  "threshold": threshold, "n_boot": n_boot, "age_scheme": age_scheme})
+        own_run = mlflow_logger.start_standalone(
+            {
+                "evaluated_checkpoint": ckpt_path,
+                "splits": list(splits),
+                "threshold": threshold,
+                "n_boot": n_boot,
+                "age_scheme": age_scheme,
+            }
+        )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if ckpt_path:
         load_checkpoint(network, ckpt_path)
     network = network.to(device)
-    group_metric = AlignmentFairnessMetric(records=[], classes=classes, attributes=attributes, age_scheme=age_scheme)
     val = None
     summary: dict = {}
     if threshold.startswith("val_") or threshold_split in datalist:
@@ -169,55 +167,75 @@ def evaluate(
         val_records = split_records(datalist, threshold_split)
         got = collect_split(network, val_records, preprocessing, device, batch_size, num_workers, amp, 0)
         val = (got["arrays"]["label"], got["arrays"]["pred"])
-        if _rank() == 0:  # beside summary.json, not in it: summary.json lists evaluated (test) splits only
-            write_text_atomic(os.path.join(output_dir, "model_selection.json"), json.dumps(
-                {"split": threshold_split, "n": int(len(got["arrays"]["index"])), "mean_auc": got["mean_auc"]}))
-        if mlflow_logger is not None and mlflow_logger.cur_run is not None and _finite(got["mean_auc"]):
-            mlflow_logger._guard(mlflow_logger._log_metrics, {f"{threshold_split}_mean_auc": got["mean_auc"]}, None)
+        if is_rank0():  # beside summary.json, not in it: summary.json lists evaluated (test) splits only
+            selection = {"split": threshold_split, "n": int(len(got["arrays"]["index"])), "mean_auc": got["mean_auc"]}
+            write_json_atomic(os.path.join(output_dir, "model_selection.json"), selection, indent=None)
+        if mlflow_logger is not None and _finite(got["mean_auc"]):
+            mlflow_logger.log_metrics({f"{threshold_split}_mean_auc": got["mean_auc"]})
     for split in splits:
         records = split_records(datalist, split)
         logger.info(f"evaluating {split} ({len(records)} images)")
         got = collect_split(network, records, preprocessing, device, batch_size, num_workers, amp, n_overlays)
-        if _rank() != 0:
+        if not is_rank0():
             continue
         arrays = got["arrays"]
-        group_metric.records = records
-        groups, pids = group_metric.groups_for(arrays["index"])
-        report = M.fairness_report(arrays["label"], arrays["pred"], groups=groups, classes=classes, patient_id=pids,
-                                   threshold=threshold, val=val, n_boot=n_boot, min_count=min_count, seed=seed)
+        groups, pids = groups_for_records(records, arrays["index"], attributes, age_scheme)
+        report = M.fairness_report(
+            arrays["label"],
+            arrays["pred"],
+            groups=groups,
+            classes=classes,
+            patient_id=pids,
+            threshold=threshold,
+            val=val,
+            n_boot=n_boot,
+            min_count=min_count,
+            seed=seed,
+        )
         if "hit" in arrays:
-            # per-pair values were computed during collection (bundle.handlers.PredictionCollector);
+            # per-pair values were computed during collection (bundle.metrics.PredictionCollection);
             # pair_metric_report adds per-class / per-subgroup summaries with patient-clustered bootstrap CIs.
             report["alignment"] = {
-                name: M.pair_metric_report(arrays[key], arrays["label"], classes, groups, pids, n_boot, seed,
-                                           name=name, min_count=min_count)
+                name: M.pair_metric_report(
+                    arrays[key], arrays["label"], classes, groups, pids, n_boot, seed, name=name, min_count=min_count
+                )
                 for key, name in (("hit", "hit_rate"), ("iou", "miou"), ("mass", "attention_mass_in_mask"))
                 if key in arrays
             }
         out = os.path.join(output_dir, split)
         thresholds = [report["thresholds"][c]["value"] for c in classes]
-        write_text_atomic(os.path.join(out, "fairness_report.json"), json.dumps(report, indent=1, default=_json))
+        write_json_atomic(os.path.join(out, "fairness_report.json"), report, indent=1)
         write_text_atomic(os.path.join(out, "fairness_report.csv"), rows_to_csv(M.report_to_rows(report)))
-        age_lab = list(M.age_groups([r if r is not None else np.nan for r in _metadata_columns(
-            records, arrays["index"])["age"]], scheme=age_scheme))
-        write_text_atomic(os.path.join(out, "predictions.csv"),
-                          _predictions_csv(records, classes, arrays, thresholds, age_lab))
+        age_lab = list(
+            M.age_groups(
+                [r if r is not None else np.nan for r in _metadata_columns(records, arrays["index"])["age"]],
+                scheme=age_scheme,
+            )
+        )
+        write_text_atomic(
+            os.path.join(out, "predictions.csv"), _predictions_csv(records, classes, arrays, thresholds, age_lab)
+        )
         pngs = plots.group_metric_plots(report, os.path.join(out, "plots"), title=split)
         if got["overlays"]:
-            pngs.append(plots.attention_overlays(got["overlays"], classes, os.path.join(out, "plots",
-                                                                                         "attention_overlays.png"),
-                                                 title=f"{split}: attention on positive, annotated findings"))
+            pngs.append(
+                plots.attention_overlays(
+                    got["overlays"],
+                    classes,
+                    os.path.join(out, "plots", "attention_overlays.png"),
+                    title=f"{split}: attention on positive, annotated findings",
+                )
+            )
         flat = M.flatten_for_mlflow(report, prefix=f"{split}_")
         flat[f"{split}_mean_auc"] = got["mean_auc"]
         if "hit" in arrays:
-            flat[f"{split}_hit_rate"] = float(np.nanmean(arrays["hit"])) if np.isfinite(arrays["hit"]).any() else math.nan
-            flat[f"{split}_attn_mass"] = float(np.nanmean(arrays["mass"])) if np.isfinite(arrays["mass"]).any() else math.nan
+            flat[f"{split}_hit_rate"] = nanmean_or_nan(arrays["hit"])
+            flat[f"{split}_attn_mass"] = nanmean_or_nan(arrays["mass"])
         summary[split] = {"report_dir": out, "n": int(len(arrays["index"])), **flat}
-        if mlflow_logger is not None and mlflow_logger.cur_run is not None:
-            mlflow_logger._guard(mlflow_logger._log_metrics, {k: v for k, v in flat.items() if _finite(v)}, None)
+        if mlflow_logger is not None:
+            mlflow_logger.log_metrics({k: v for k, v in flat.items() if _finite(v)})
             mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
-    if _rank() == 0:
-        write_text_atomic(os.path.join(output_dir, "summary.json"), json.dumps(summary, indent=1, default=_json))
+    if is_rank0():
+        write_json_atomic(os.path.join(output_dir, "summary.json"), summary, indent=1)
         if mlflow_logger is not None:
             mlflow_logger.log_artifact(os.path.join(output_dir, "summary.json"), artifact_path="evaluation")
             if own_run:
@@ -227,11 +245,3 @@ def evaluate(
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _json(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)

@@ -2,6 +2,7 @@
 
 matplotlib with the non-interactive Agg backend; every figure is written atomically as PNG.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,21 +17,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-__all__ = ["save_figure", "attention_overlays", "group_metric_plots"]
+from bundle.utils.atomic import save_figure_atomic  # noqa: E402
+
+__all__ = ["attention_overlays", "group_metric_plots"]
 
 
-def save_figure(fig, path: str, dpi: int = 120) -> str:
-    """Save a figure atomically (temp file + os.replace) and close it."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.png"
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def attention_overlays(samples: Sequence[Mapping], classes: Sequence[str], path: str, title: str = "",
-                       ncols: int = 4) -> str:
+def attention_overlays(
+    samples: Sequence[Mapping], classes: Sequence[str], path: str, title: str = "", ncols: int = 4
+) -> str:
     """Grid of images with the model's attention (upsampled bilinearly, as for the hit rate) and the human mask contour.
 
     Each sample: ``image`` (H, W), ``attn`` (h, w), ``mask`` (H, W), ``class_index``, ``score``; the title of
@@ -42,7 +36,7 @@ def attention_overlays(samples: Sequence[Mapping], classes: Sequence[str], path:
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.0 * ncols, 3.2 * nrows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, s in zip(axes.ravel(), samples):
+    for ax, s in zip(axes.ravel(), samples, strict=False):  # the grid may have spare panels
         img, mask = np.asarray(s["image"]), np.asarray(s["mask"])
         attn = torch.as_tensor(np.asarray(s["attn"], dtype=np.float32))[None, None]
         up = F.interpolate(attn, size=img.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
@@ -55,9 +49,10 @@ def attention_overlays(samples: Sequence[Mapping], classes: Sequence[str], path:
         ax.plot(c, r, marker="+", color="white", markersize=10, mew=2)
         verdict = ("hit" if mask[r, c] > 0 else "miss") if annotated else ""
         ax.set_title(f"{classes[s['class_index']]}  p={s['score']:.2f}  {verdict}", fontsize=8)
-    fig.suptitle((title + "\n" if title else "") + "heat: model attention, green: human mask, +: attention peak",
-                 fontsize=9)
-    return save_figure(fig, path)
+    fig.suptitle(
+        (title + "\n" if title else "") + "heat: model attention, green: human mask, +: attention peak", fontsize=9
+    )
+    return save_figure_atomic(path, fig)
 
 
 def _ci(entry: Mapping, metric: str):
@@ -76,8 +71,9 @@ def _group_entries(report: Mapping):
                 yield cls, attr, grp, entry, entry.get("excluded_reason"), report["overall"].get(cls, {})
 
 
-def group_metric_plots(report: Mapping, out_dir: str, metrics: Sequence[str] = ("auc", "sensitivity"),
-                       title: str = "") -> list[str]:
+def group_metric_plots(
+    report: Mapping, out_dir: str, metrics: Sequence[str] = ("auc", "sensitivity"), title: str = ""
+) -> list[str]:
     """One PNG per metric x attribute: the metric per subgroup with its bootstrap 95% CI, one panel per class.
 
     Groups excluded from the gap (too few samples) are drawn hollow; the dashed line is the overall value.
@@ -89,10 +85,10 @@ def group_metric_plots(report: Mapping, out_dir: str, metrics: Sequence[str] = (
     for metric in metrics:
         for attr in attributes:
             fig, axes = plt.subplots(1, len(classes), figsize=(4.2 * len(classes), 3.6), squeeze=False)
-            for ax, cls in zip(axes[0], classes):
+            for ax, cls in zip(axes[0], classes, strict=True):
                 rows = [e for e in entries if e[0] == cls and e[1] == attr]
                 xs = np.arange(len(rows))
-                for x, (_, _, grp, entry, excluded, overall_entry) in zip(xs, rows):
+                for x, (_, _, _grp, entry, excluded, overall_entry) in zip(xs, rows, strict=True):
                     overall = overall_entry.get(metric)
                     v = entry.get(metric)
                     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -101,8 +97,15 @@ def group_metric_plots(report: Mapping, out_dir: str, metrics: Sequence[str] = (
                     yerr = None
                     if ci and ci[0] is not None and not any(isinstance(t, float) and math.isnan(t) for t in ci):
                         yerr = [[max(v - ci[0], 0)], [max(ci[1] - v, 0)]]
-                    ax.errorbar([x], [v], yerr=yerr, fmt="o", capsize=4, color="tab:blue",
-                                mfc="white" if excluded else "tab:blue")
+                    ax.errorbar(
+                        [x],
+                        [v],
+                        yerr=yerr,
+                        fmt="o",
+                        capsize=4,
+                        color="tab:blue",
+                        mfc="white" if excluded else "tab:blue",
+                    )
                     if overall is not None and x == 0:
                         ax.axhline(overall, ls="--", color="grey", lw=1, label="all samples")
                 ax.set_xticks(xs)
@@ -112,5 +115,5 @@ def group_metric_plots(report: Mapping, out_dir: str, metrics: Sequence[str] = (
                 ax.set_ylabel(f"{metric.upper() if metric == 'auc' else metric} (95% CI)")
                 ax.grid(alpha=0.3)
             fig.suptitle(f"{title}: {metric} by {attr} (hollow = excluded from the gap)", fontsize=10)
-            paths.append(save_figure(fig, os.path.join(out_dir, f"{metric}_by_{attr}.png")))
+            paths.append(save_figure_atomic(os.path.join(out_dir, f"{metric}_by_{attr}.png"), fig))
     return paths

@@ -1,4 +1,5 @@
 """Checkpoints (atomic, resumable), collection across samples, and MLflow that never kills training."""
+
 import os
 
 import numpy as np
@@ -6,19 +7,14 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from bundle.handlers import (
-    BestModelSaver,
-    PredictionCollector,
-    ResumeCheckpoint,
-    SafeMLFlowHandler,
-    atomic_torch_save,
-    attention_mass_in_mask,
-)
+from bundle.handlers import BestModelSaver, PredictionCollector, ResumeCheckpoint, SafeMLFlowHandler
+from bundle.metrics import attention_mass_in_mask
+from bundle.utils.atomic import torch_save_atomic
 
 
 def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
     path = tmp_path / "m.pt"
-    atomic_torch_save({"a": torch.ones(2)}, str(path))
+    torch_save_atomic(str(path), {"a": torch.ones(2)})
     assert torch.load(path)["a"].sum() == 2
 
     def boom(*a, **k):
@@ -26,7 +22,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(RuntimeError):
-        atomic_torch_save({"a": torch.zeros(2)}, str(path))
+        torch_save_atomic(str(path), {"a": torch.zeros(2)})
     monkeypatch.undo()
     assert torch.load(path)["a"].sum() == 2  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # no temporary file left behind
@@ -35,8 +31,12 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_collector_deduplicates_and_sorts_by_index():
     c = PredictionCollector()
     c.reset()
-    c.update({"pred": torch.tensor([[0.9], [0.1]]), "label": torch.tensor([[1.0], [0.0]]), "index": torch.tensor([3, 1])})
-    c.update({"pred": torch.tensor([[0.9], [0.4]]), "label": torch.tensor([[1.0], [1.0]]), "index": torch.tensor([3, 0])})
+    c.update(
+        {"pred": torch.tensor([[0.9], [0.1]]), "label": torch.tensor([[1.0], [0.0]]), "index": torch.tensor([3, 1])}
+    )
+    c.update(
+        {"pred": torch.tensor([[0.9], [0.4]]), "label": torch.tensor([[1.0], [1.0]]), "index": torch.tensor([3, 0])}
+    )
     out = c.compute()
     assert out["index"].tolist() == [0, 1, 3]
     assert np.allclose(out["pred"][:, 0], [0.4, 0.1, 0.9])
@@ -83,7 +83,9 @@ def test_resume_continues_from_last_epoch(tmp_path):
     eng2.add_event_handler(Events.EPOCH_STARTED, lambda e: seen.append(e.state.epoch))
     ResumeCheckpoint(str(tmp_path), {"network": net2, "optimizer": opt2, "trainer": eng2}).attach(eng2)
     loaded = {}
-    eng2.add_event_handler(Events.STARTED, lambda e: loaded.update({k: v.clone() for k, v in net2.state_dict().items()}))
+    eng2.add_event_handler(
+        Events.STARTED, lambda e: loaded.update({k: v.clone() for k, v in net2.state_dict().items()})
+    )
     eng2.run(data, max_epochs=4)
     assert seen == [3, 4]
     for k in saved:
@@ -115,8 +117,14 @@ def test_best_model_saver_only_on_improvement(tmp_path):
 def test_mlflow_down_falls_back_to_local_store_and_training_finishes(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     fallback = f"sqlite:///{tmp_path}/mlruns.db"
-    h = SafeMLFlowHandler(tracking_uri="http://127.0.0.1:9", fallback_uri=fallback, experiment_name="t",
-                          output_transform=lambda o: o["loss"], probe_timeout=0.5, close_on_complete=True)
+    h = SafeMLFlowHandler(
+        tracking_uri="http://127.0.0.1:9",
+        fallback_uri=fallback,
+        experiment_name="t",
+        output_transform=lambda o: o["loss"],
+        probe_timeout=0.5,
+        close_on_complete=True,
+    )
     eng = Engine(lambda e, b: {"loss": torch.tensor(1.0)})
 
     @eng.on(Events.EPOCH_COMPLETED)
@@ -135,8 +143,9 @@ def test_mlflow_down_falls_back_to_local_store_and_training_finishes(tmp_path, m
 
 def test_mlflow_failure_mid_run_disables_logging_not_training(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    h = SafeMLFlowHandler(tracking_uri=f"sqlite:///{tmp_path}/db.db", experiment_name="t",
-                          output_transform=lambda o: o["loss"])
+    h = SafeMLFlowHandler(
+        tracking_uri=f"sqlite:///{tmp_path}/db.db", experiment_name="t", output_transform=lambda o: o["loss"]
+    )
     eng = Engine(lambda e, b: {"loss": torch.tensor(1.0)})
     h.attach(eng)
 
@@ -145,4 +154,28 @@ def test_mlflow_failure_mid_run_disables_logging_not_training(tmp_path, monkeypa
 
     monkeypatch.setattr(h, "_log_metrics", broken)
     state = eng.run([0, 1, 2], max_epochs=2)
-    assert state.epoch == 2 and h._disabled
+    assert state.epoch == 2 and h.disabled
+
+
+def test_mlflow_log_metrics_outside_an_engine(tmp_path, monkeypatch):
+    """What an evaluation job uses: a standalone run, public log_metrics / log_artifact, no-ops when disabled."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/db.db"
+    h = SafeMLFlowHandler(tracking_uri=uri, experiment_name="eval")
+    h.log_metrics({"test_mean_auc": 0.5})  # before start: nothing to log into, no error
+    assert h.start_standalone({"n_boot": 10}) and not h.disabled
+    h.log_metrics({"test_mean_auc": 0.75, "test_a/auc": 0.5})
+    (tmp_path / "summary.json").write_text("{}")
+    h.log_artifact(str(tmp_path / "summary.json"), artifact_path="evaluation")
+    run_id = h.run_id
+    h.close()
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics == {"test_mean_auc": 0.75, "test_a/auc": 0.5}
+    assert run.data.params["n_boot"] == "10"
+
+    off = SafeMLFlowHandler(tracking_uri="http://127.0.0.1:9", experiment_name="t", probe_timeout=0.2)
+    assert off.disabled and not off.start_standalone()
+    off.log_metrics({"x": 1.0})  # disabled: a no-op

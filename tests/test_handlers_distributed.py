@@ -3,6 +3,7 @@
 Uneven shards (as monai.data.DistributedSampler(even_divisible=False) makes them) and a duplicated
 sample (as a padding sampler would add) must leave every sample counted exactly once.
 """
+
 import json
 import os
 import socket
@@ -32,10 +33,15 @@ def _data():
 def _batches(indices):
     _, label, pred, attn, mask = _data()
     for start in range(0, len(indices), 8):
-        idx = np.asarray(indices[start:start + 8])
-        yield {"index": torch.as_tensor(idx), "pred": torch.as_tensor(pred[idx]), "label": torch.as_tensor(label[idx]),
-               "attn": torch.as_tensor(attn[idx]), "attn_mask": torch.as_tensor(mask[idx]),
-               "attn_available": torch.ones(len(idx), C)}
+        idx = np.asarray(indices[start : start + 8])
+        yield {
+            "index": torch.as_tensor(idx),
+            "pred": torch.as_tensor(pred[idx]),
+            "label": torch.as_tensor(label[idx]),
+            "attn": torch.as_tensor(attn[idx]),
+            "attn_mask": torch.as_tensor(mask[idx]),
+            "attn_available": torch.ones(len(idx), C),
+        }
 
 
 def _compute(indices):

@@ -1,5 +1,6 @@
 """bundle.metrics: group labels, thresholds, group metrics, fairness report (vs scikit-learn and fairlearn),
 hit rate and mIoU on hand-made maps."""
+
 import json
 import math
 
@@ -16,6 +17,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from bundle.demographics import age_years, sex_label
 from bundle.metrics import (
     age_groups,
     fairness_report,
@@ -27,13 +29,12 @@ from bundle.metrics import (
     iou,
     miou,
     miou_report,
-    sex_labels,
     pair_metric_report,
     report_to_rows,
     select_threshold,
+    sex_labels,
     upsample_bilinear,
 )
-from bundle.demographics import age_years, sex_label
 
 
 def _data(n=600, c=2, seed=0, ties=False):
@@ -47,31 +48,67 @@ def _data(n=600, c=2, seed=0, ties=False):
 
 # ---------------------------------------------------------------- groups
 
+
 def test_sex_labels():
-    got = sex_labels(["M", "Male", "male", 1, "1", "F", "Female", "female", 2, "f", "O", None, float("nan"), "",
-                         0, 9, True])
+    got = sex_labels(
+        ["M", "Male", "male", 1, "1", "F", "Female", "female", 2, "f", "O", None, float("nan"), "", 0, 9, True]
+    )
     assert got.tolist() == ["M"] * 5 + ["F"] * 5 + ["unknown"] * 7
     assert sex_labels(["man", " Woman ", np.int64(1)]).tolist() == ["M", "F", "M"]
 
 
-@pytest.mark.parametrize("raw,sex", [("M", "M"), (" male ", "M"), ("Man", "M"), (1, "M"), (1.0, "M"), ("1", "M"),
-                                     ("f", "F"), ("FEMALE", "F"), ("woman", "F"), (2, "F"), (np.int64(2), "F"),
-                                     ("O", "unknown"), (0, "unknown"), (9, "unknown"), (1.5, "unknown"),
-                                     (True, "unknown"), (None, "unknown"), (float("nan"), "unknown"), ("", "unknown"),
-                                     ([1], "unknown")])
+@pytest.mark.parametrize(
+    "raw,sex",
+    [
+        ("M", "M"),
+        (" male ", "M"),
+        ("Man", "M"),
+        (1, "M"),
+        (1.0, "M"),
+        ("1", "M"),
+        ("f", "F"),
+        ("FEMALE", "F"),
+        ("woman", "F"),
+        (2, "F"),
+        (np.int64(2), "F"),
+        ("O", "unknown"),
+        (0, "unknown"),
+        (9, "unknown"),
+        (1.5, "unknown"),
+        (True, "unknown"),
+        (None, "unknown"),
+        (float("nan"), "unknown"),
+        ("", "unknown"),
+        ([1], "unknown"),
+    ],
+)
 def test_sex_label(raw, sex):
     assert sex_label(raw) == sex
 
 
-@pytest.mark.parametrize("raw,years", [(57, 57.0), (57.5, 57.5), (np.float32(3.5), 3.5), ("57", 57.0),
-                                       (" 045Y ", 45.0), ("045y", 45.0), ("006M", 0.5), ("010W", 70 / 365.25),
-                                       ("003D", 3 / 365.25), (0, 0.0), (110, 110.0)])
+@pytest.mark.parametrize(
+    "raw,years",
+    [
+        (57, 57.0),
+        (57.5, 57.5),
+        (np.float32(3.5), 3.5),
+        ("57", 57.0),
+        (" 045Y ", 45.0),
+        ("045y", 45.0),
+        ("006M", 0.5),
+        ("010W", 70 / 365.25),
+        ("003D", 3 / 365.25),
+        (0, 0.0),
+        (110, 110.0),
+    ],
+)
 def test_age_years(raw, years):
     assert age_years(raw) == pytest.approx(years)
 
 
-@pytest.mark.parametrize("raw", [None, True, "", "abc", "Y", "-5Y", "45X", -1, 110.5, "111Y", float("nan"),
-                                 float("inf"), [45]])
+@pytest.mark.parametrize(
+    "raw", [None, True, "", "abc", "Y", "-5Y", "45X", -1, 110.5, "111Y", float("nan"), float("inf"), [45]]
+)
 def test_age_years_missing_or_impossible_is_none(raw):
     assert age_years(raw) is None
 
@@ -79,14 +116,39 @@ def test_age_years_missing_or_impossible_is_none(raw):
 def test_age_schemes():
     ages = [0, 19.9, 20, 39, 40, 59.5, 60, 79, 80, 110, 110.5, -1, None, "abc", "45", float("nan")]
     assert age_groups(ages).tolist() == [
-        "[0,20)", "[0,20)", "[20,40)", "[20,40)", "[40,60)", "[40,60)", "[60,80)", "[60,80)", "[80,inf)",
-        "[80,inf)", "unknown", "unknown", "unknown", "unknown", "[40,60)", "unknown"]
+        "[0,20)",
+        "[0,20)",
+        "[20,40)",
+        "[20,40)",
+        "[40,60)",
+        "[40,60)",
+        "[60,80)",
+        "[60,80)",
+        "[80,inf)",
+        "[80,inf)",
+        "unknown",
+        "unknown",
+        "unknown",
+        "unknown",
+        "[40,60)",
+        "unknown",
+    ]
     # DICOM AS strings and numeric arrays (vectorised path) read like age_years
     assert age_groups(["045Y", "006M", "130Y"]).tolist() == ["[40,60)", "[0,20)", "unknown"]
     assert age_groups(np.array([5.0, np.nan, np.inf, 111, 65])).tolist() == [
-        "[0,20)", "unknown", "unknown", "unknown", "[60,80)"]
+        "[0,20)",
+        "unknown",
+        "unknown",
+        "unknown",
+        "[60,80)",
+    ]
     assert age_groups([0, 17.9, 18, 40, 80], "yang2024").tolist() == [
-        "[0,18)", "[0,18)", "[18,40)", "[40,60)", "[80,inf)"]
+        "[0,18)",
+        "[0,18)",
+        "[18,40)",
+        "[40,60)",
+        "[80,inf)",
+    ]
     assert age_groups([30, 60, 60.1, 90, -5], "binary60").tolist() == ["<=60", "<=60", ">60", ">60", "unknown"]
     assert age_groups([3, 5, 50, 65], [5, 50]).tolist() == ["unknown", "[5,50)", "[50,inf)", "[50,inf)"]
     with pytest.raises(ValueError, match="strictly increasing"):
@@ -101,6 +163,7 @@ def test_intersections():
 
 
 # ---------------------------------------------------------------- group metrics and thresholds
+
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_group_metrics_match_sklearn(ties):
@@ -173,6 +236,7 @@ def test_threshold_uses_validation_only():
 
 # ---------------------------------------------------------------- the report vs fairlearn
 
+
 def _groups(n, rng):
     sex = sex_labels(rng.choice(["Male", "Female"], n, p=[0.59, 0.41]))
     age = age_groups(rng.gamma(9, 7, n).clip(21, 99))  # no [0,20) group: 4 age groups
@@ -187,14 +251,22 @@ def test_gaps_equal_fairlearn_metricframe():
         for attr, lab in groups.items():
             entry = rep["classes"][c][attr]
             assert all(g["in_gap"] for g in entry["groups"].values())
-            mf = MetricFrame(metrics={"auc": roc_auc_score}, y_true=y[:, i], y_pred=s[:, i],
-                             sensitive_features=lab)
-            assert entry["gaps"]["auc"]["gap"] == pytest.approx(mf.difference(method="between_groups")["auc"],
-                                                               abs=1e-12)
+            mf = MetricFrame(metrics={"auc": roc_auc_score}, y_true=y[:, i], y_pred=s[:, i], sensitive_features=lab)
+            assert entry["gaps"]["auc"]["gap"] == pytest.approx(
+                mf.difference(method="between_groups")["auc"], abs=1e-12
+            )
             yhat = (s[:, i] >= 0.4).astype(int)
-            mf2 = MetricFrame(metrics={"accuracy": accuracy_score, "sensitivity": recall_score, "f1": f1_score,
-                                       "precision": precision_score}, y_true=y[:, i], y_pred=yhat,
-                              sensitive_features=lab)
+            mf2 = MetricFrame(
+                metrics={
+                    "accuracy": accuracy_score,
+                    "sensitivity": recall_score,
+                    "f1": f1_score,
+                    "precision": precision_score,
+                },
+                y_true=y[:, i],
+                y_pred=yhat,
+                sensitive_features=lab,
+            )
             diff = mf2.difference(method="between_groups")
             for m in ("accuracy", "sensitivity", "f1", "precision"):
                 assert entry["gaps"][m]["gap"] == pytest.approx(diff[m], abs=1e-12)
@@ -209,13 +281,16 @@ def test_gaps_equal_fairlearn_metricframe():
             tpr = [entry["groups"][g]["sensitivity"] for g in entry["equalized_odds"]["groups"]]
             tnr = [entry["groups"][g]["specificity"] for g in entry["equalized_odds"]["groups"]]
             assert entry["equalized_odds"]["value"] == pytest.approx(
-                1 - ((max(tpr) - min(tpr)) + (max(tnr) - min(tnr))) / 2)
+                1 - ((max(tpr) - min(tpr)) + (max(tnr) - min(tnr))) / 2
+            )
         assert rep["overall"][c]["auc"] == pytest.approx(roc_auc_score(y[:, i], s[:, i]))
     # macro = mean over classes
     assert rep["macro"]["overall"]["auc"]["value"] == pytest.approx(
-        np.mean([roc_auc_score(y[:, i], s[:, i]) for i in range(2)]))
+        np.mean([roc_auc_score(y[:, i], s[:, i]) for i in range(2)])
+    )
     assert rep["macro"]["gaps"]["sex"]["auc"]["value"] == pytest.approx(
-        np.mean([rep["classes"][c]["sex"]["gaps"]["auc"]["gap"] for c in ("a", "b")]))
+        np.mean([rep["classes"][c]["sex"]["gaps"]["auc"]["gap"] for c in ("a", "b")])
+    )
     # fpr / ece / bce: lower is better -> the worst group is the maximum
     g = rep["classes"]["a"]["age"]
     vals = {k: v["fpr"] for k, v in g["groups"].items()}
@@ -235,8 +310,12 @@ def test_one_class_group_reported_and_excluded_with_reason():
     assert "one class" in e["gaps"]["auc"]["excluded"]["B"]
     assert e["gaps"]["auc"]["gap"] is None and "fewer than 2" in e["gaps"]["auc"]["note"]
     # fairlearn silently skips the NaN group and reports 0: we do not
-    mf = MetricFrame(metrics={"auc": lambda a, b: roc_auc_score(a, b) if len(set(a)) > 1 else np.nan},
-                     y_true=y[:, 0], y_pred=s[:, 0], sensitive_features=site)
+    mf = MetricFrame(
+        metrics={"auc": lambda a, b: roc_auc_score(a, b) if len(set(a)) > 1 else np.nan},
+        y_true=y[:, 0],
+        y_pred=s[:, 0],
+        sensitive_features=site,
+    )
     assert mf.difference(method="between_groups")["auc"] == 0.0
     json.dumps(rep, allow_nan=False)  # strict JSON
 
@@ -283,20 +362,41 @@ def test_intersection_attribute():
 
 def test_rows_and_mlflow_keys():
     y, s, rng = _data(n=800, c=2, seed=8)
-    rep = fairness_report(y, s, _groups(800, rng), classes=["Pleural Effusion", "Edema"], threshold="fixed",
-                          n_boot=20, intersections=["sex x age"])
+    rep = fairness_report(
+        y,
+        s,
+        _groups(800, rng),
+        classes=["Pleural Effusion", "Edema"],
+        threshold="fixed",
+        n_boot=20,
+        intersections=["sex x age"],
+    )
     rows = report_to_rows(rep)
-    assert {r["section"] for r in rows} >= {"threshold", "overall", "group", "gap", "worst", "ratio",
-                                            "equalized_odds", "macro_overall", "macro_gap"}
-    auc_row = next(r for r in rows if r["section"] == "gap" and r["class"] == "Edema" and r["attribute"] == "sex"
-                   and r["metric"] == "auc")
+    assert {r["section"] for r in rows} >= {
+        "threshold",
+        "overall",
+        "group",
+        "gap",
+        "worst",
+        "ratio",
+        "equalized_odds",
+        "macro_overall",
+        "macro_gap",
+    }
+    auc_row = next(
+        r
+        for r in rows
+        if r["section"] == "gap" and r["class"] == "Edema" and r["attribute"] == "sex" and r["metric"] == "auc"
+    )
     assert auc_row["value"] == rep["classes"]["Edema"]["sex"]["gaps"]["auc"]["gap"]
     assert auc_row["ci_low"] <= auc_row["ci_high"]
     flat = flatten_for_mlflow(rep, prefix="fairness/")
     import re
+
     assert all(re.fullmatch(r"[A-Za-z0-9_\-./ ]+", k) for k in flat)
-    assert flat["fairness/Pleural_Effusion/sex/gap_auc"] == rep["classes"]["Pleural Effusion"]["sex"]["gaps"][
-        "auc"]["gap"]
+    assert (
+        flat["fairness/Pleural_Effusion/sex/gap_auc"] == rep["classes"]["Pleural Effusion"]["sex"]["gaps"]["auc"]["gap"]
+    )
     assert "fairness/macro/sex_x_age/gap_f1" in flat and "fairness/macro/auc" in flat
     assert len(flat) == 2 * 3 * 5 + 3 * 5 + 2 + 1
     assert all(isinstance(v, float) for v in flat.values())
@@ -316,12 +416,14 @@ def test_bad_input_messages():
 
 # ---------------------------------------------------------------- hit rate and mIoU
 
+
 def test_upsample_matches_torch_bilinear():
     torch = pytest.importorskip("torch")
     a = np.random.default_rng(0).random((3, 7, 5))
     for size in [(28, 20), (7, 5), (30, 11), (4, 3)]:
-        ref = torch.nn.functional.interpolate(torch.from_numpy(a)[None], size=size, mode="bilinear",
-                                              align_corners=False)[0].numpy()
+        ref = torch.nn.functional.interpolate(
+            torch.from_numpy(a)[None], size=size, mode="bilinear", align_corners=False
+        )[0].numpy()
         np.testing.assert_allclose(upsample_bilinear(a, size), ref, atol=1e-12)
 
 
@@ -387,8 +489,9 @@ def test_hit_rate_report_per_class_and_group():
     labels = np.ones((n, c))
     labels[:5, 1] = 0  # negatives do not count
     sex = np.where(np.arange(n) % 2 == 0, "M", "F").astype(object)
-    rep = hit_rate_report(att, masks, labels, classes=["x", "y"], groups={"sex": sex},
-                          patient_id=np.arange(n) // 2, n_boot=200)
+    rep = hit_rate_report(
+        att, masks, labels, classes=["x", "y"], groups={"sex": sex}, patient_id=np.arange(n) // 2, n_boot=200
+    )
     hits = hit_rate(att.reshape(-1, 4, 4), masks.reshape(-1, 8, 8)).reshape(n, c)
     assert rep["per_class"]["x"]["value"] == pytest.approx(hits[:, 0].mean())
     assert rep["per_class"]["y"]["value"] == pytest.approx(hits[5:, 1].mean())
@@ -402,8 +505,7 @@ def test_hit_rate_report_per_class_and_group():
     pooled = {g: rep["groups"]["sex"]["groups"][g]["all_classes"]["value"] for g in ("M", "F")}
     assert gap["gap"] == pytest.approx(abs(pooled["M"] - pooled["F"]))
     mr = miou_report(att, masks, labels, classes=["x", "y"], n_boot=0)
-    assert mr["per_class"]["x"]["value"] == pytest.approx(
-        np.nanmean(iou(att[:, 0], masks[:, 0])))
+    assert mr["per_class"]["x"]["value"] == pytest.approx(np.nanmean(iou(att[:, 0], masks[:, 0])))
     json.dumps(rep, allow_nan=False)
 
 
@@ -412,7 +514,6 @@ def test_pair_metric_report_excludes_nan_and_small_groups():
     labels = np.ones((5, 1))
     grp = {"site": ["a", "a", "a", "b", "unknown"]}
     rep = pair_metric_report(vals, labels, groups=grp, n_boot=0, min_count=2)
-    assert rep["per_class"]["class_0"]["value"] == pytest.approx(0.75) and rep["per_class"]["class_0"][
-        "n_pairs"] == 4
+    assert rep["per_class"]["class_0"]["value"] == pytest.approx(0.75) and rep["per_class"]["class_0"]["n_pairs"] == 4
     ex = rep["groups"]["site"]["gaps"]["class_0"]["excluded"]
     assert ex == {"b": "1 pairs < min_count=2", "unknown": "unknown attribute value"}

@@ -1,5 +1,6 @@
 """The vectorised patient-clustered, stratified bootstrap: kernel == scikit-learn on resampled data, clustering,
 stratification, CIs, invariance to chunking/threads, permutation test."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -27,21 +28,21 @@ def _cohort(n=2500, n_pat=900, c=2, seed=0, decimals=2):
     return y, s, pid, g, rng
 
 
-@pytest.mark.parametrize("weights", ["bootstrap", "arbitrary"])
-def test_kernel_equals_sklearn_on_resampled_data(weights):
+@pytest.mark.parametrize("kind", ["bootstrap", "arbitrary"])
+def test_kernel_equals_sklearn_on_resampled_data(kind):
     y, s, pid, g, rng = _cohort()
     n = y.shape[0]
     pidx, n_pat = patient_index(pid, n)
     thr = [0.5, 0.42]
     eng = GroupedBootstrap(y, s, y >= 0, g, 3, pidx, n_pat, thr)
-    if weights == "bootstrap":
-        W = next(patient_weights(patient_strata(pidx, g, n_pat), 4, 0, 0, 4))
+    if kind == "bootstrap":
+        weights = next(patient_weights(patient_strata(pidx, g, n_pat), 4, 0, 0, 4))
     else:  # zeros and counts > 255 (int32 path)
-        W = rng.integers(0, 4, (3, n_pat))
-        W[0, :5] = 300
-    res = eng.metrics(W)
-    for b in range(W.shape[0]):
-        idx = np.repeat(np.arange(n), W[b][pidx])  # the resampled data set
+        weights = rng.integers(0, 4, (3, n_pat))
+        weights[0, :5] = 300
+    res = eng.metrics(weights)
+    for b in range(weights.shape[0]):
+        idx = np.repeat(np.arange(n), weights[b][pidx])  # the resampled data set
         for c in range(2):
             for k in range(3):
                 sel = idx[g[idx] == k]
@@ -57,8 +58,8 @@ def test_auc_kernel_with_membership_weights():
     keep = y[:, 0] >= 0
     yy, ss, gg = y[keep, 0], s[keep, 0], g[keep]
     plan = ClassPlan(yy, ss, np.zeros(yy.size, np.int64), 1, np.arange(yy.size))
-    W = np.stack([(gg == k).astype(np.int32) for k in range(3)])
-    auc = plan.auc(W)[0]
+    weights = np.stack([(gg == k).astype(np.int32) for k in range(3)])
+    auc = plan.auc(weights)[0]
     for k in range(3):
         assert auc[k] == pytest.approx(roc_auc_score(yy[gg == k], ss[gg == k]), abs=1e-13)
 
@@ -67,18 +68,18 @@ def test_patient_clustering_all_images_move_together():
     # patient 0: 1 image, patient 1: 2 images, patient 2: 4 images; one stratum
     pid = np.array([0, 1, 1, 2, 2, 2, 2])
     pidx, n_pat = patient_index(pid, 7)
-    W = np.concatenate(list(patient_weights(np.zeros(n_pat, np.int64), 300, 0, 0, 64)))
-    assert W.shape == (300, 3) and np.all(W.sum(axis=1) == 3)  # 3 patients drawn per replicate
+    weights = np.concatenate(list(patient_weights(np.zeros(n_pat, np.int64), 300, 0, 0, 64)))
+    assert weights.shape == (300, 3) and np.all(weights.sum(axis=1) == 3)  # 3 patients drawn per replicate
     y = np.array([[1], [0], [1], [0], [1], [0], [0]], float)
     s = np.linspace(0.1, 0.9, 7)[:, None]
     eng = GroupedBootstrap(y, s, y >= 0, np.zeros(7, np.int64), 1, pidx, n_pat, [0.5])
-    counts = eng.plans[0].counts(W)
+    counts = eng.plans[0].counts(weights)
     n_img = counts["npos"][0] + counts["nneg"][0]
     # the resampled number of images is the sum of the drawn patients' image counts, never an image-level draw
-    np.testing.assert_array_equal(n_img, W @ np.array([1, 2, 4]))
+    np.testing.assert_array_equal(n_img, weights @ np.array([1, 2, 4]))
     assert len(np.unique(n_img)) > 3  # it varies (an image-level bootstrap would always give 7)
     # positives of patient 2 (1 of 4 images) and patient 1 (1 of 2) move with their patients
-    np.testing.assert_array_equal(counts["npos"][0], W @ np.array([1, 1, 1]))
+    np.testing.assert_array_equal(counts["npos"][0], weights @ np.array([1, 1, 1]))
 
 
 def test_clustered_ci_wider_than_image_level_when_images_repeat():
@@ -95,9 +96,9 @@ def test_clustered_ci_wider_than_image_level_when_images_repeat():
 
 def test_stratified_draws_keep_patient_counts_per_subgroup():
     strata = np.random.default_rng(2).integers(0, 4, 500)
-    for W in patient_weights(strata, 40, 7, 1, 16):
+    for weights in patient_weights(strata, 40, 7, 1, 16):
         for k in range(4):
-            assert np.all(W[:, strata == k].sum(axis=1) == (strata == k).sum())
+            assert np.all(weights[:, strata == k].sum(axis=1) == (strata == k).sum())
     a = np.concatenate(list(patient_weights(strata, 40, 7, 1, 16)))
     b = np.concatenate(list(patient_weights(strata, 40, 7, 1, 5)))
     np.testing.assert_array_equal(a, b)  # chunk size does not change the draws
@@ -141,8 +142,9 @@ def test_report_identical_for_any_chunk_and_thread_count():
     r2 = fairness_report(y, s, chunk=32, n_jobs=2, **kw)
     assert r1 == r2
     r3 = fairness_report(y, s, chunk=7, n_jobs=1, **{**kw, "seed": 4})
-    assert r3["classes"]["class_0"]["site"]["gaps"]["auc"]["ci"] != r1["classes"]["class_0"]["site"]["gaps"][
-        "auc"]["ci"]
+    assert (
+        r3["classes"]["class_0"]["site"]["gaps"]["auc"]["ci"] != r1["classes"]["class_0"]["site"]["gaps"]["auc"]["ci"]
+    )
 
 
 def test_every_group_metric_and_gap_has_a_ci():

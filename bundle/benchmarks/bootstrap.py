@@ -22,7 +22,7 @@ TARGET_S = 60.0
 def synthetic_cohort(n: int, seed: int = 0) -> dict:
     """CheXpert-like cohort: patients with 1 + Poisson(1.07) images, 59% male, age ~ N(61, 17) clipped, aging
     over follow-up images (so a patient's age group can change), 0.2% missing sex / age, 5% uncertain labels."""
-    from bundle.metrics import age_groups, sex_labels
+    from bundle.demographics import age_groups, sex_labels
 
     rng = np.random.default_rng(seed)
     per = 1 + rng.poisson(1.07, int(n / 2.07 * 1.05) + 10)  # a few spare patients, cut to n images below

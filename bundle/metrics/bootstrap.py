@@ -14,6 +14,7 @@ weight), and a chunk of replicates is a (B, n) weight matrix processed with a fe
 * ECE and BCE are sums of per-sample quantities: a sparse (class x group x bin, patient) matrix times the
   weights of all replicates of a chunk at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,17 @@ import scipy.sparse as sp
 
 from .core import N_ECE_BINS, bce_terms, ece_bins, metrics_from_sums
 
-__all__ = ["patient_index", "patient_strata", "patient_weights", "ClassPlan", "GroupedBootstrap", "percentile_ci",
-           "default_chunk", "default_jobs", "for_each_chunk"]
+__all__ = [
+    "patient_index",
+    "patient_strata",
+    "patient_weights",
+    "ClassPlan",
+    "GroupedBootstrap",
+    "percentile_ci",
+    "default_chunk",
+    "default_jobs",
+    "for_each_chunk",
+]
 
 
 def patient_index(patient_id, n: int) -> tuple[np.ndarray, int]:
@@ -67,8 +77,9 @@ def default_chunk(n_samples: int) -> int:
     return int(np.clip(2_000_000 // max(n_samples, 1), 4, 128))
 
 
-def patient_weights(strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int,
-                    start: int = 0) -> Iterator[np.ndarray]:
+def patient_weights(
+    strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int, start: int = 0
+) -> Iterator[np.ndarray]:
     """Yield (b, P) integer draw counts (uint8, or int32 if a count exceeds 255), replicates start..n_boot-1.
 
     Within every stratum, as many patients as the stratum holds are drawn with replacement, so subgroup sizes
@@ -101,8 +112,9 @@ def default_jobs() -> int:
     return max(1, min(2, os.cpu_count() or 1))
 
 
-def for_each_chunk(fn, strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int,
-                   n_jobs: int | None = None) -> None:
+def for_each_chunk(
+    fn, strata: np.ndarray, n_boot: int, seed: int, stream: int, chunk: int, n_jobs: int | None = None
+) -> None:
     """Call ``fn(W, start)`` for every chunk of replicate weights; replicates are split into ``n_jobs`` contiguous
     ranges processed by threads. Results are identical for any n_jobs / chunk (per-replicate seeds)."""
     n_jobs = default_jobs() if n_jobs is None else max(1, int(n_jobs))
@@ -119,7 +131,7 @@ def for_each_chunk(fn, strata: np.ndarray, n_boot: int, seed: int, stream: int, 
         work(0, n_boot)
         return
     with ThreadPoolExecutor(max_workers=n_jobs) as ex:
-        for f in [ex.submit(work, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+        for f in [ex.submit(work, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:], strict=False)]:
             f.result()
 
 
@@ -130,8 +142,9 @@ class ClassPlan:
     cols: the column (patient or sample index) each sample reads its weight from.
     """
 
-    def __init__(self, y: np.ndarray, s: np.ndarray, codes: np.ndarray, n_groups: int, cols: np.ndarray,
-                 threshold: float = 0.5):
+    def __init__(
+        self, y: np.ndarray, s: np.ndarray, codes: np.ndarray, n_groups: int, cols: np.ndarray, threshold: float = 0.5
+    ):
         y = np.asarray(y, dtype=float)
         s = np.asarray(s, dtype=float)
         codes = np.asarray(codes, dtype=np.int64)
@@ -181,8 +194,16 @@ class ClassPlan:
         Cn_b = C[:, self.neg_bounds].T.astype(np.float64)  # (G + 1, B)
         Cp_b = Cp[:, self.pos_bounds].T.astype(np.float64)
         npos = Cp_b[1:] - Cp_b[:-1]
-        u2 = np.stack([np.einsum("bi,bi->b", Wpf[:, a:b], Xf[:, a:b])
-                       for a, b in zip(self.pos_bounds[:-1], self.pos_bounds[1:])]) if self.G else np.zeros((0, B))
+        u2 = (
+            np.stack(
+                [
+                    np.einsum("bi,bi->b", Wpf[:, a:b], Xf[:, a:b])
+                    for a, b in zip(self.pos_bounds[:-1], self.pos_bounds[1:], strict=False)
+                ]
+            )
+            if self.G
+            else np.zeros((0, B))
+        )
         return {
             "npos": npos,
             "nneg": Cn_b[1:] - Cn_b[:-1],
@@ -206,15 +227,33 @@ class GroupedBootstrap:
     per-(class, group, bin) sums over patients form a sparse (K, P) matrix applied to all replicates at once.
     """
 
-    def __init__(self, y: np.ndarray, s: np.ndarray, known: np.ndarray, codes: np.ndarray, n_groups: int,
-                 cols: np.ndarray, n_cols: int, thresholds):
+    def __init__(
+        self,
+        y: np.ndarray,
+        s: np.ndarray,
+        known: np.ndarray,
+        codes: np.ndarray,
+        n_groups: int,
+        cols: np.ndarray,
+        n_cols: int,
+        thresholds,
+    ):
         y, s = np.asarray(y, dtype=float), np.asarray(s, dtype=float)
         C = y.shape[1]
         self.C, self.G = C, n_groups
         codes = np.asarray(codes, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
-        self.plans = [ClassPlan(y[known[:, c], c], s[known[:, c], c], codes[known[:, c]], n_groups,
-                                cols[known[:, c]], float(thresholds[c])) for c in range(C)]
+        self.plans = [
+            ClassPlan(
+                y[known[:, c], c],
+                s[known[:, c], c],
+                codes[known[:, c]],
+                n_groups,
+                cols[known[:, c]],
+                float(thresholds[c]),
+            )
+            for c in range(C)
+        ]
         rows, vals, pcols = [], [], []
         nb = N_ECE_BINS + 1  # 10 ECE bins (sum of y - s) and the BCE sum, per class and group
         for c in range(C):
@@ -225,8 +264,13 @@ class GroupedBootstrap:
             vals += [yc - sc, bce_terms(yc, sc)]
             pcols += [cols[k], cols[k]]
         rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        self.F = sp.csr_matrix((np.concatenate(vals) if vals else np.zeros(0), (rows_a, np.concatenate(pcols)
-                                if pcols else np.zeros(0, np.int64))), shape=(C * n_groups * nb, n_cols))
+        self.F = sp.csr_matrix(
+            (
+                np.concatenate(vals) if vals else np.zeros(0),
+                (rows_a, np.concatenate(pcols) if pcols else np.zeros(0, np.int64)),
+            ),
+            shape=(C * n_groups * nb, n_cols),
+        )
 
     def metrics(self, W: np.ndarray) -> dict[str, np.ndarray]:
         B = W.shape[0]
@@ -234,8 +278,10 @@ class GroupedBootstrap:
         ece_abs = np.abs(lin[:, :, :N_ECE_BINS]).sum(axis=2)
         bce = lin[:, :, N_ECE_BINS]
         cnt = [p.counts(W) for p in self.plans]
-        st = {k: np.stack([t[k] for t in cnt]) if cnt else np.zeros((0, self.G, B))
-              for k in ("npos", "nneg", "tp", "fp", "u2")}
+        st = {
+            k: np.stack([t[k] for t in cnt]) if cnt else np.zeros((0, self.G, B))
+            for k in ("npos", "nneg", "tp", "fp", "u2")
+        }
         return metrics_from_sums(st["npos"], st["nneg"], st["tp"], st["fp"], st["u2"], ece_abs, bce)
 
 

@@ -1,4 +1,5 @@
 """Per-group binary metrics and decision thresholds (pure numpy / scikit-learn)."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,17 @@ __all__ = [
 
 # Metrics reported per group (besides the counts n, n_pos, n_neg) and whether higher is better.
 METRICS = ("auc", "accuracy", "sensitivity", "specificity", "fpr", "precision", "f1", "ece", "bce")
-HIGHER_IS_BETTER = {"auc": True, "accuracy": True, "sensitivity": True, "specificity": True, "fpr": False,
-                    "precision": True, "f1": True, "ece": False, "bce": False}
+HIGHER_IS_BETTER = {
+    "auc": True,
+    "accuracy": True,
+    "sensitivity": True,
+    "specificity": True,
+    "fpr": False,
+    "precision": True,
+    "f1": True,
+    "ece": False,
+    "bce": False,
+}
 THRESHOLD_METHODS = ("val_f1", "val_youden", "fixed", "test_f1")
 N_ECE_BINS = 10
 FIXED_THRESHOLD = 0.5
@@ -46,8 +56,10 @@ def known_mask(y: np.ndarray) -> np.ndarray:
     bad = ~known & ~np.isnan(y) & (y != -1)
     if bad.any():
         vals = np.unique(y[bad])[:5]
-        raise ValueError(f"y_true: labels must be 1 (positive), 0 (negative) or -1/NaN (unknown, excluded); "
-                         f"found {vals.tolist()}")
+        raise ValueError(
+            f"y_true: labels must be 1 (positive), 0 (negative) or -1/NaN (unknown, excluded); "
+            f"found {vals.tolist()}"
+        )
     return known
 
 
@@ -55,8 +67,10 @@ def check_scores(s: np.ndarray, name: str = "y_score") -> None:
     if not np.all(np.isfinite(s)):
         raise ValueError(f"{name}: contains NaN or inf; every prediction must be a finite probability")
     if s.size and (s.min() < 0 or s.max() > 1):
-        raise ValueError(f"{name}: values must be probabilities in [0, 1] (range found [{s.min():.4g}, "
-                         f"{s.max():.4g}]); apply a sigmoid to logits first")
+        raise ValueError(
+            f"{name}: values must be probabilities in [0, 1] (range found [{s.min():.4g}, "
+            f"{s.max():.4g}]); apply a sigmoid to logits first"
+        )
 
 
 def ece_bins(s: np.ndarray) -> np.ndarray:
@@ -183,12 +197,15 @@ def resolve_thresholds(
     if isinstance(threshold, str):
         method = threshold
         if method not in THRESHOLD_METHODS:
-            raise ValueError(f"threshold={method!r} unknown; use one of {THRESHOLD_METHODS}, a number, or one "
-                             "number per class")
+            raise ValueError(
+                f"threshold={method!r} unknown; use one of {THRESHOLD_METHODS}, a number, or one " "number per class"
+            )
         if method.startswith("val_"):
             if val is None:
-                raise ValueError(f"threshold={method!r} needs validation predictions: pass val=(y_true_val, "
-                                 "y_score_val), or threshold='fixed' / 'test_f1'")
+                raise ValueError(
+                    f"threshold={method!r} needs validation predictions: pass val=(y_true_val, "
+                    "y_score_val), or threshold='fixed' / 'test_f1'"
+                )
             yv, sv = as_2d(val[0], "val y_true"), as_2d(val[1], "val y_score")
             if yv.shape[1] != n_classes or sv.shape != yv.shape:
                 raise ValueError(f"val: shapes {yv.shape} / {sv.shape} do not match {n_classes} classes")
@@ -200,8 +217,16 @@ def resolve_thresholds(
         else:
             thr, notes = np.full(n_classes, FIXED_THRESHOLD), [None] * n_classes
             source = "fixed"
-        return {c: {"value": float(thr[i]), "method": method, "source": source, "optimistic": method == "test_f1",
-                    "note": notes[i]} for i, c in enumerate(classes)}
+        return {
+            c: {
+                "value": float(thr[i]),
+                "method": method,
+                "source": source,
+                "optimistic": method == "test_f1",
+                "note": notes[i],
+            }
+            for i, c in enumerate(classes)
+        }
     if isinstance(threshold, Mapping):
         missing = [c for c in classes if c not in threshold]
         if missing:
@@ -213,5 +238,7 @@ def resolve_thresholds(
         vals = [float(v) for v in threshold]
         if len(vals) != n_classes:
             raise ValueError(f"threshold has {len(vals)} values for {n_classes} classes")
-    return {c: {"value": v, "method": "fixed", "source": "given", "optimistic": False, "note": None}
-            for c, v in zip(classes, vals)}
+    return {
+        c: {"value": v, "method": "fixed", "source": "given", "optimistic": False, "note": None}
+        for c, v in zip(classes, vals, strict=False)
+    }

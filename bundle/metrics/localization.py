@@ -6,6 +6,7 @@ rule (re-implemented here in numpy as two interpolation matrices, so no torch is
 come out); hit = mask[argmax] == 1; pairs with an empty mask are NaN and excluded. mIoU: min-max normalise,
 quantise to uint8 as CheXlocalize does, Otsu threshold (skimage) or a fixed threshold, IoU with the mask.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,9 @@ from functools import lru_cache
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from .bootstrap import default_chunk, patient_index, patient_strata, patient_weights, percentile_ci
 from bundle.demographics import UNKNOWN, clean_labels, natural_key
+
+from .bootstrap import default_chunk, patient_index, patient_strata, patient_weights, percentile_ci
 from .report import _jsonable
 
 __all__ = ["upsample_bilinear", "hit_rate", "iou", "miou", "pair_metric_report", "hit_rate_report", "miou_report"]
@@ -55,15 +57,17 @@ def _pairs(attention, masks, name: str):
     msk = list(masks)
     if len(att) != len(msk):
         raise ValueError(f"{name}: {len(att)} attention maps but {len(msk)} masks; give one mask per map")
-    for k, (a, m) in enumerate(zip(att, msk)):
+    for k, (a, m) in enumerate(zip(att, msk, strict=False)):
         a, m = np.asarray(a), np.asarray(m)
         if a.ndim != 2 or m.ndim != 2:
             raise ValueError(f"{name}: pair {k}: attention {a.shape} and mask {m.shape} must both be 2-D")
         if not np.all(np.isfinite(a)):
             raise ValueError(f"{name}: attention map {k} contains NaN or inf")
         if m.dtype != bool and not np.all(np.isin(m, (0, 1))):
-            raise ValueError(f"{name}: mask {k} is not binary (values {np.unique(m)[:5].tolist()}); rasterise "
-                             "annotations to 0/1 masks (boxes: the union of the boxes)")
+            raise ValueError(
+                f"{name}: mask {k} is not binary (values {np.unique(m)[:5].tolist()}); rasterise "
+                "annotations to 0/1 masks (boxes: the union of the boxes)"
+            )
         yield a, m
 
 
@@ -194,28 +198,35 @@ def pair_metric_report(
         if n_boot > 0:
             boots = np.empty((S.shape[1], n_boot))
             start = 0
-            for W in patient_weights(patient_strata(pidx, codes, n_pat), n_boot, seed, stream,
-                                     default_chunk(n_pat)):
+            for W in patient_weights(patient_strata(pidx, codes, n_pat), n_boot, seed, stream, default_chunk(n_pat)):
                 Wf = W.astype(np.float64)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    boots[:, start:start + W.shape[0]] = ((Wf @ S) / (Wf @ Nn)).T
+                    boots[:, start : start + W.shape[0]] = ((Wf @ S) / (Wf @ Nn)).T
                 start += W.shape[0]
         return point, Nn.sum(0).astype(int), boots
 
     def cell(point, n, boots, k):
-        return {"value": point[k], "n_pairs": int(n[k]),
-                "ci": _ci(boots[k], ci) if boots is not None and n[k] > 0 else None}
+        return {
+            "value": point[k],
+            "n_pairs": int(n[k]),
+            "ci": _ci(boots[k], ci) if boots is not None and n[k] > 0 else None,
+        }
 
     point, n, boots = estimate(np.zeros(N, np.int64), 1, 0)
     report = {
-        "metric": name, "n_boot": n_boot, "ci": ci, "min_count": min_count,
+        "metric": name,
+        "n_boot": n_boot,
+        "ci": ci,
+        "min_count": min_count,
         "pairs": "label == 1, finite value (non-empty mask)" + (", available" if available is not None else ""),
         "per_class": {c: cell(point, n, boots, i) for i, c in enumerate(classes)},
         "all_classes": cell(point, n, boots, C),
     }
     pc = np.asarray([point[i] for i in range(C)], dtype=float)
-    report["macro"] = {"value": float(np.nanmean(pc)) if np.isfinite(pc).any() else math.nan,
-                       "n_classes": int(np.isfinite(pc).sum())}
+    report["macro"] = {
+        "value": float(np.nanmean(pc)) if np.isfinite(pc).any() else math.nan,
+        "n_classes": int(np.isfinite(pc).sum()),
+    }
     report["groups"] = {}
     for k_attr, (a, lab) in enumerate(attrs.items()):
         order = sorted(set(lab.tolist()), key=natural_key)
@@ -225,8 +236,10 @@ def pair_metric_report(
         entry = {"groups": {}, "gaps": {}}
         for j, g in enumerate(order):
             base = j * (C + 1)
-            entry["groups"][g] = {"all_classes": cell(point, n, boots, base + C),
-                                  "per_class": {c: cell(point, n, boots, base + i) for i, c in enumerate(classes)}}
+            entry["groups"][g] = {
+                "all_classes": cell(point, n, boots, base + C),
+                "per_class": {c: cell(point, n, boots, base + i) for i, c in enumerate(classes)},
+            }
         for i, c in enumerate(classes + ["all_classes"]):
             use, excluded = [], {}
             for j, g in enumerate(order):
@@ -243,11 +256,14 @@ def pair_metric_report(
             if boots is not None and len(use) >= 2:
                 b = boots[use]
                 ok = np.isfinite(b)
-                g_b = np.where(ok.sum(0) >= 2, np.where(ok, b, -np.inf).max(0) - np.where(ok, b, np.inf).min(0),
-                               np.nan)
+                g_b = np.where(ok.sum(0) >= 2, np.where(ok, b, -np.inf).max(0) - np.where(ok, b, np.inf).min(0), np.nan)
                 gci = _ci(g_b, ci)
-            entry["gaps"][c] = {"gap": gap, "ci": gci, "groups": [order[k // (C + 1)] for k in use],
-                                "excluded": excluded}
+            entry["gaps"][c] = {
+                "gap": gap,
+                "ci": gci,
+                "groups": [order[k // (C + 1)] for k in use],
+                "excluded": excluded,
+            }
         report["groups"][a] = entry
     return _jsonable(report)
 
@@ -275,22 +291,47 @@ def _per_pair(fn, attention, masks, labels, available, **kw) -> np.ndarray:
     return out
 
 
-def hit_rate_report(attention, masks, labels, classes=None, groups=None, patient_id=None, n_boot: int = 1000,
-                    seed: int = 0, ci: float = 0.95, available=None, min_count: int = 5) -> dict:
+def hit_rate_report(
+    attention,
+    masks,
+    labels,
+    classes=None,
+    groups=None,
+    patient_id=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    available=None,
+    min_count: int = 5,
+) -> dict:
     """Hit rate per class, pooled, and per subgroup with bootstrap CIs, over positive annotated pairs.
 
     attention (N, C, h, w), masks (N, C, H, W) (arrays or nested lists), labels (N, C); see pair_metric_report.
     """
     hits = _per_pair(hit_rate, attention, masks, labels, available)
-    return pair_metric_report(hits, labels, classes, groups, patient_id, n_boot, seed, ci, available, min_count,
-                              name="hit_rate")
+    return pair_metric_report(
+        hits, labels, classes, groups, patient_id, n_boot, seed, ci, available, min_count, name="hit_rate"
+    )
 
 
-def miou_report(attention, masks, labels, classes=None, groups=None, patient_id=None, threshold="otsu",
-                n_boot: int = 1000, seed: int = 0, ci: float = 0.95, available=None, min_count: int = 5) -> dict:
+def miou_report(
+    attention,
+    masks,
+    labels,
+    classes=None,
+    groups=None,
+    patient_id=None,
+    threshold="otsu",
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+    available=None,
+    min_count: int = 5,
+) -> dict:
     """mIoU per class, pooled, and per subgroup with bootstrap CIs, over positive annotated pairs."""
     ious = _per_pair(iou, attention, masks, labels, available, threshold=threshold)
-    rep = pair_metric_report(ious, labels, classes, groups, patient_id, n_boot, seed, ci, available, min_count,
-                             name="miou")
+    rep = pair_metric_report(
+        ious, labels, classes, groups, patient_id, n_boot, seed, ci, available, min_count, name="miou"
+    )
     rep["threshold"] = threshold
     return rep

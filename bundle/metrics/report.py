@@ -1,4 +1,5 @@
 """fairness_report: subgroup metrics, gaps, equalized odds, bootstrap CIs, permutation p-values; flat views."""
+
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+
+from bundle.demographics import UNKNOWN, clean_labels, intersect_groups, natural_key
 
 from .bootstrap import (
     ClassPlan,
@@ -17,7 +20,6 @@ from .bootstrap import (
     percentile_ci,
 )
 from .core import HIGHER_IS_BETTER, METRICS, as_2d, check_scores, group_metrics, known_mask, resolve_thresholds
-from bundle.demographics import UNKNOWN, clean_labels, intersect_groups, natural_key
 
 __all__ = ["fairness_report", "report_to_rows", "flatten_for_mlflow", "GAP_METRICS_MLFLOW", "REPORT_VERSION"]
 
@@ -52,15 +54,18 @@ def _prepare_groups(groups, n, intersections) -> dict[str, np.ndarray]:
     for name, vals in (groups or {}).items():
         lab = clean_labels(vals)
         if lab.shape != (n,):
-            raise ValueError(f"groups[{name!r}] has {lab.size} values but y_true has {n} rows; give one label per "
-                             "sample")
+            raise ValueError(
+                f"groups[{name!r}] has {lab.size} values but y_true has {n} rows; give one label per " "sample"
+            )
         out[str(name)] = lab
     for spec in intersections or []:
         parts = [p.strip() for p in spec.split(" x ")] if isinstance(spec, str) else [str(p) for p in spec]
         missing = [p for p in parts if p not in out]
         if len(parts) < 2 or missing:
-            raise ValueError(f"intersections: {spec!r} must name >= 2 attributes of groups (have {sorted(out)}); "
-                             "write it as ('sex', 'age') or 'sex x age'")
+            raise ValueError(
+                f"intersections: {spec!r} must name >= 2 attributes of groups (have {sorted(out)}); "
+                "write it as ('sex', 'age') or 'sex x age'"
+            )
         out[" x ".join(parts)] = intersect_groups(*(out[p] for p in parts))
     return out
 
@@ -76,23 +81,38 @@ def _exclusion(label: str, m: Mapping, min_count: int) -> str | None:
     return "; ".join(why) or None
 
 
-_UNDEFINED = {"auc": "AUC undefined (group has one class only)", "precision": "precision undefined (no predicted "
-              "positives)", "sensitivity": "sensitivity undefined (no positives)", "specificity": "specificity "
-              "undefined (no negatives)", "fpr": "FPR undefined (no negatives)"}
+_UNDEFINED = {
+    "auc": "AUC undefined (group has one class only)",
+    "precision": "precision undefined (no predicted " "positives)",
+    "sensitivity": "sensitivity undefined (no positives)",
+    "specificity": "specificity " "undefined (no negatives)",
+    "fpr": "FPR undefined (no negatives)",
+}
 
 
 def _gap_stats(values: Mapping[str, float], metric: str) -> dict:
     """Gap, worst/best group and ratio over the given groups (all finite)."""
     if len(values) < 2:
-        return {"gap": math.nan, "worst_group": None, "worst": math.nan, "best_group": None, "best": math.nan,
-                "ratio": math.nan}
+        return {
+            "gap": math.nan,
+            "worst_group": None,
+            "worst": math.nan,
+            "best_group": None,
+            "best": math.nan,
+            "ratio": math.nan,
+        }
     labels = list(values)
     v = np.asarray([values[g] for g in labels])
     lo, hi = int(np.argmin(v)), int(np.argmax(v))
     worst, best = (lo, hi) if HIGHER_IS_BETTER[metric] else (hi, lo)
-    return {"gap": float(v[hi] - v[lo]), "worst_group": labels[worst], "worst": float(v[worst]),
-            "best_group": labels[best], "best": float(v[best]),
-            "ratio": float(v[lo] / v[hi]) if v[hi] != 0 else math.nan}
+    return {
+        "gap": float(v[hi] - v[lo]),
+        "worst_group": labels[worst],
+        "worst": float(v[worst]),
+        "best_group": labels[best],
+        "best": float(v[best]),
+        "ratio": float(v[lo] / v[hi]) if v[hi] != 0 else math.nan,
+    }
 
 
 def _boot_gap(arr: np.ndarray) -> np.ndarray:
@@ -126,10 +146,11 @@ def _permutation_auc_gap(y, s, codes, n_perm, seed, stream, chunk) -> np.ndarray
     out = np.empty(n_perm)
     for start in range(0, n_perm, chunk):
         k = min(chunk, n_perm - start)
-        perm = np.stack([np.random.default_rng([seed, 10_000 + stream, start + j]).permutation(codes)
-                         for j in range(k)])
+        perm = np.stack(
+            [np.random.default_rng([seed, 10_000 + stream, start + j]).permutation(codes) for j in range(k)]
+        )
         aucs = np.concatenate([plan.auc((perm == g).astype(np.int32)) for g in range(G)])  # (G, k)
-        out[start:start + k] = _boot_gap(aucs)
+        out[start : start + k] = _boot_gap(aucs)
     return out
 
 
@@ -199,7 +220,7 @@ def fairness_report(
 
     # ---- bootstrap: metric samples per (class, attribute) -> {metric: (G, B)}; overall -> {metric: (B,)}
     boot: dict = {c: {} for c in classes}
-    boot_overall: dict = {c: None for c in classes}
+    boot_overall: dict = dict.fromkeys(classes)
     if n_boot > 0:
         streams = [("__overall__", np.zeros(N, np.int64), 1, OVERALL_STREAM)]
         streams += [(a, gcodes[a], len(glabels[a]), k + 1) for k, a in enumerate(attrs)]
@@ -210,7 +231,7 @@ def fairness_report(
             def fill(W, start, engine=engine, acc=acc):
                 res = engine.metrics(W)
                 for m in METRICS:
-                    acc[m][:, :, start:start + W.shape[0]] = res[m]
+                    acc[m][:, :, start : start + W.shape[0]] = res[m]
 
             for_each_chunk(fill, patient_strata(pidx, codes, n_pat), n_boot, seed, stream, chunk, n_jobs)
             for i, c in enumerate(classes):
@@ -247,8 +268,11 @@ def fairness_report(
                 st["ci"] = _ci_pair(st["boot"], ci) if bs else None
                 gaps[m] = st
             entry["gaps"] = gaps
-            use = [k for k, g in enumerate(glabels[a]) if gm[g]["in_gap"]
-                   and math.isfinite(gm[g]["sensitivity"]) and math.isfinite(gm[g]["specificity"])]
+            use = [
+                k
+                for k, g in enumerate(glabels[a])
+                if gm[g]["in_gap"] and math.isfinite(gm[g]["sensitivity"]) and math.isfinite(gm[g]["specificity"])
+            ]
             tpr = np.asarray([[gm[glabels[a][k]]["sensitivity"]] for k in use]).reshape(len(use), 1)
             tnr = np.asarray([[gm[glabels[a][k]]["specificity"]] for k in use]).reshape(len(use), 1)
             eo = {"value": float(_eq_odds(tpr, tnr)[0]), "groups": [glabels[a][k] for k in use]}
@@ -256,9 +280,18 @@ def fairness_report(
             eo["ci"] = _ci_pair(eo["boot"], ci) if bs else None
             entry["equalized_odds"] = eo
             if permutation_test > 0:
-                entry["permutation"] = _perm_entry(Y[:, i], S[:, i], known[:, i], gcodes[a], glabels[a],
-                                                   gaps["auc"], permutation_test, seed, 1000 * i + list(attrs).index(a),
-                                                   chunk)
+                entry["permutation"] = _perm_entry(
+                    Y[:, i],
+                    S[:, i],
+                    known[:, i],
+                    gcodes[a],
+                    glabels[a],
+                    gaps["auc"],
+                    permutation_test,
+                    seed,
+                    1000 * i + list(attrs).index(a),
+                    chunk,
+                )
 
     # ---- overall CIs and macro averages
     for c in classes:
@@ -270,7 +303,9 @@ def fairness_report(
         use = np.isfinite(vals)
         entry = {"value": float(vals[use].mean()) if use.any() else math.nan, "n_classes": int(use.sum())}
         if n_boot > 0 and use.any():
-            entry["ci"] = _ci_pair(np.mean([boot_overall[c][m] for c, u in zip(classes, use) if u], axis=0), ci)
+            entry["ci"] = _ci_pair(
+                np.mean([boot_overall[c][m] for c, u in zip(classes, use, strict=False) if u], axis=0), ci
+            )
         macro["overall"][m] = entry
     for a in attrs:
         for m in METRICS:
@@ -285,11 +320,18 @@ def fairness_report(
     report = {
         "version": REPORT_VERSION,
         "meta": {
-            "n_samples": N, "n_patients": n_pat, "classes": classes, "attributes": list(attrs),
-            "groups": glabels, "n_boot": n_boot, "ci": ci, "min_count": min_count, "seed": seed,
+            "n_samples": N,
+            "n_patients": n_pat,
+            "classes": classes,
+            "attributes": list(attrs),
+            "groups": glabels,
+            "n_boot": n_boot,
+            "ci": ci,
+            "min_count": min_count,
+            "seed": seed,
             "bootstrap": "patient-clustered (all images of a drawn patient), stratified by subgroup (a patient's "
-                         "stratum is the group of their first image), percentile intervals; overall metrics: "
-                         "unstratified patient bootstrap",
+            "stratum is the group of their first image), percentile intervals; overall metrics: "
+            "unstratified patient bootstrap",
             "permutation_test": permutation_test,
             "labels": "1 positive, 0 negative; -1/NaN unknown, excluded per class",
             "undefined": "null = undefined (NaN), e.g. AUC of a group with one class",
@@ -311,7 +353,7 @@ def _macro_entry(items: list[dict], key: str, ci: float) -> dict:
     vals = np.asarray([_num(it[key]) for it in items], dtype=float)
     use = np.isfinite(vals)
     entry = {"value": float(vals[use].mean()) if use.any() else math.nan, "n_classes": int(use.sum())}
-    boots = [it["boot"] for it, u in zip(items, use) if u and it.get("boot") is not None]
+    boots = [it["boot"] for it, u in zip(items, use, strict=False) if u and it.get("boot") is not None]
     if boots and len(boots) == int(use.sum()):
         entry["ci"] = _ci_pair(np.nanmean(np.stack(boots), axis=0) if len(boots) > 1 else boots[0], ci)
     return entry
@@ -325,12 +367,29 @@ def _perm_entry(y, s, known, codes, labels, auc_gap: dict, n_perm, seed, stream,
     sel = known & np.isin(codes, incl)
     null = _permutation_auc_gap(y[sel], s[sel], codes[sel], n_perm, seed, stream, chunk)
     p = (1 + int(np.sum(null >= obs - 1e-12))) / (n_perm + 1)
-    return {"auc_gap_p_value": p, "n_permutations": n_perm, "null_mean_gap": float(np.nanmean(null)),
-            "scheme": "group labels shuffled among the samples of the eligible groups (image level)"}
+    return {
+        "auc_gap_p_value": p,
+        "n_permutations": n_perm,
+        "null_mean_gap": float(np.nanmean(null)),
+        "scheme": "group labels shuffled among the samples of the eligible groups (image level)",
+    }
 
 
-_ROW_KEYS = ("section", "class", "attribute", "group", "metric", "value", "ci_low", "ci_high", "n", "n_pos", "n_neg",
-             "included", "note")
+_ROW_KEYS = (
+    "section",
+    "class",
+    "attribute",
+    "group",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "n",
+    "n_pos",
+    "n_neg",
+    "included",
+    "note",
+)
 
 
 def _row(**kw) -> dict:
@@ -349,45 +408,135 @@ def report_to_rows(report: Mapping) -> list[dict]:
     permutation, macro_overall, macro_gap, macro_equalized_odds."""
     rows = []
     for c, t in report["thresholds"].items():
-        rows.append(_row(section="threshold", **{"class": c}, metric="threshold", value=t["value"],
-                         note=f"{t['method']} ({t['source']})" + (f"; {t['note']}" if t.get("note") else "")))
+        rows.append(
+            _row(
+                section="threshold",
+                **{"class": c},
+                metric="threshold",
+                value=t["value"],
+                note=f"{t['method']} ({t['source']})" + (f"; {t['note']}" if t.get("note") else ""),
+            )
+        )
     for c, m in report["overall"].items():
         for k in METRICS:
-            rows.append(_row(section="overall", **{"class": c}, metric=k, value=m[k], n=m["n"], n_pos=m["n_pos"],
-                             n_neg=m["n_neg"], **_ci_kw((m.get("ci") or {}).get(k))))
+            rows.append(
+                _row(
+                    section="overall",
+                    **{"class": c},
+                    metric=k,
+                    value=m[k],
+                    n=m["n"],
+                    n_pos=m["n_pos"],
+                    n_neg=m["n_neg"],
+                    **_ci_kw((m.get("ci") or {}).get(k)),
+                )
+            )
     for c, per_attr in report["classes"].items():
         for a, e in per_attr.items():
             for g, m in e["groups"].items():
                 for k in METRICS:
-                    rows.append(_row(section="group", **{"class": c}, attribute=a, group=g, metric=k, value=m[k],
-                                     n=m["n"], n_pos=m["n_pos"], n_neg=m["n_neg"], included=m["in_gap"],
-                                     note=m["excluded_reason"], **_ci_kw((m.get("ci") or {}).get(k))))
+                    rows.append(
+                        _row(
+                            section="group",
+                            **{"class": c},
+                            attribute=a,
+                            group=g,
+                            metric=k,
+                            value=m[k],
+                            n=m["n"],
+                            n_pos=m["n_pos"],
+                            n_neg=m["n_neg"],
+                            included=m["in_gap"],
+                            note=m["excluded_reason"],
+                            **_ci_kw((m.get("ci") or {}).get(k)),
+                        )
+                    )
             for k, gst in e["gaps"].items():
                 excl = "; ".join(f"{g}: {why}" for g, why in gst["excluded"].items())
-                rows.append(_row(section="gap", **{"class": c}, attribute=a, metric=k, value=gst["gap"],
-                                 note=(gst.get("note") or "") + (f" excluded: {excl}" if excl else "") or None,
-                                 **_ci_kw(gst.get("ci"))))
-                rows.append(_row(section="worst", **{"class": c}, attribute=a, group=gst["worst_group"], metric=k,
-                                 value=gst["worst"]))
+                rows.append(
+                    _row(
+                        section="gap",
+                        **{"class": c},
+                        attribute=a,
+                        metric=k,
+                        value=gst["gap"],
+                        note=(gst.get("note") or "") + (f" excluded: {excl}" if excl else "") or None,
+                        **_ci_kw(gst.get("ci")),
+                    )
+                )
+                rows.append(
+                    _row(
+                        section="worst",
+                        **{"class": c},
+                        attribute=a,
+                        group=gst["worst_group"],
+                        metric=k,
+                        value=gst["worst"],
+                    )
+                )
                 rows.append(_row(section="ratio", **{"class": c}, attribute=a, metric=k, value=gst["ratio"]))
             eo = e["equalized_odds"]
-            rows.append(_row(section="equalized_odds", **{"class": c}, attribute=a, metric="equalized_odds",
-                             value=eo["value"], note=", ".join(eo["groups"]), **_ci_kw(eo.get("ci"))))
+            rows.append(
+                _row(
+                    section="equalized_odds",
+                    **{"class": c},
+                    attribute=a,
+                    metric="equalized_odds",
+                    value=eo["value"],
+                    note=", ".join(eo["groups"]),
+                    **_ci_kw(eo.get("ci")),
+                )
+            )
             if "permutation" in e:
                 p = e["permutation"]
-                rows.append(_row(section="permutation", **{"class": c}, attribute=a, metric="auc_gap_p_value",
-                                 value=p["auc_gap_p_value"], n=p["n_permutations"], note=p.get("note")))
+                rows.append(
+                    _row(
+                        section="permutation",
+                        **{"class": c},
+                        attribute=a,
+                        metric="auc_gap_p_value",
+                        value=p["auc_gap_p_value"],
+                        n=p["n_permutations"],
+                        note=p.get("note"),
+                    )
+                )
     mac = report["macro"]
     for k, v in mac["overall"].items():
-        rows.append(_row(section="macro_overall", **{"class": "macro"}, metric=k, value=v["value"],
-                         note=f"{v['n_classes']} classes", **_ci_kw(v.get("ci"))))
+        rows.append(
+            _row(
+                section="macro_overall",
+                **{"class": "macro"},
+                metric=k,
+                value=v["value"],
+                note=f"{v['n_classes']} classes",
+                **_ci_kw(v.get("ci")),
+            )
+        )
     for a, per_m in mac["gaps"].items():
         for k, v in per_m.items():
-            rows.append(_row(section="macro_gap", **{"class": "macro"}, attribute=a, metric=k, value=v["value"],
-                             note=f"{v['n_classes']} classes", **_ci_kw(v.get("ci"))))
+            rows.append(
+                _row(
+                    section="macro_gap",
+                    **{"class": "macro"},
+                    attribute=a,
+                    metric=k,
+                    value=v["value"],
+                    note=f"{v['n_classes']} classes",
+                    **_ci_kw(v.get("ci")),
+                )
+            )
     for a, v in mac["equalized_odds"].items():
-        rows.append(_row(section="macro_equalized_odds", **{"class": "macro"}, attribute=a, metric="equalized_odds",
-                         value=v["value"], note=f"{v['n_classes']} classes", **_ci_kw(v.get("ci"))))
+        rows.append(
+            _row(
+                section="macro_equalized_odds",
+                **{"class": "macro"},
+                attribute=a,
+                metric="equalized_odds",
+                value=v["value"],
+                note=f"{v['n_classes']} classes",
+                **_ci_kw(v.get("ci")),
+            )
+        )
     return rows
 
 
