@@ -6,6 +6,7 @@ missing values). Target: under 60 s on a 2-core machine. The baseline is what on
 per replicate, resample patients within each subgroup, then one MetricFrame per class and attribute over the same
 metrics; it is timed on a few replicates and extrapolated to the full run. Both are measured in the same process.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,12 +37,12 @@ def synthetic_cohort(n: int, seed: int = 0) -> dict:
     age[rng.random(n) < 0.002] = np.nan
     sex = sex_labels(sex_p[pid])
     ages = age_groups(age, "chexclusion")
-    C = len(CLASSES)
-    y = (rng.random((n, C)) < np.asarray(PREVALENCE)).astype(float)
-    y[rng.random((n, C)) < 0.05] = -1
+    n_cls = len(CLASSES)
+    y = (rng.random((n, n_cls)) < np.asarray(PREVALENCE)).astype(float)
+    y[rng.random((n, n_cls)) < 0.05] = -1
     # weaker signal for older and female patients, so the gaps are not trivially zero
     shift = 1.6 - 0.4 * (age_p[pid] > 70)[:, None] - 0.2 * (sex == "F")[:, None]
-    logit = rng.normal(-1.5, 1.0, (n, C)) + shift * (y == 1)
+    logit = rng.normal(-1.5, 1.0, (n, n_cls)) + shift * (y == 1)
     score = np.round(1 / (1 + np.exp(-logit)), 4)  # 4 decimals: plenty of tied scores, as exported CSVs have
     return {"y": y, "score": score, "sex": sex, "age": ages, "patient_id": pid, "n_patients": n_pat}
 
@@ -60,9 +61,14 @@ def _fairlearn_replicate(y, s, groups, idx, thresholds):
         t = thresholds[c]
         keep = idx[y[idx, c] >= 0]
         yt, sc = y[keep, c], s[keep, c]
-        thr = {"accuracy": accuracy_score, "sensitivity": recall_score, "specificity": true_negative_rate,
-               "fpr": false_positive_rate, "precision": lambda a, b: precision_score(a, b, zero_division=np.nan),
-               "f1": f1_score}
+        thr = {
+            "accuracy": accuracy_score,
+            "sensitivity": recall_score,
+            "specificity": true_negative_rate,
+            "fpr": false_positive_rate,
+            "precision": lambda a, b: precision_score(a, b, zero_division=np.nan),
+            "f1": f1_score,
+        }
         metrics = {"auc": roc_auc_score, "ece": ece, "bce": lambda a, b: log_loss(a, b, labels=[0, 1])}
         metrics.update({k: (lambda f: lambda a, b: f(a, b >= t))(f) for k, f in thr.items()})
         for a, lab in groups.items():
@@ -81,8 +87,12 @@ def _fairlearn_auc_only(y, s, groups, idx):
         keep = idx[y[idx, c] >= 0]
         for lab in groups.values():
             sel = lab[keep] != "unknown"
-            MetricFrame(metrics={"auc": roc_auc_score}, y_true=y[keep, c][sel], y_pred=s[keep, c][sel],
-                        sensitive_features=lab[keep][sel]).difference(method="between_groups")
+            MetricFrame(
+                metrics={"auc": roc_auc_score},
+                y_true=y[keep, c][sel],
+                y_pred=s[keep, c][sel],
+                sensitive_features=lab[keep][sel],
+            ).difference(method="between_groups")
 
 
 def run(quick: bool = False) -> dict:
@@ -98,8 +108,17 @@ def run(quick: bool = False) -> dict:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     t0, c0 = time.perf_counter(), time.process_time()
-    rep = fairness_report(data["y"], data["score"], groups, classes=CLASSES, patient_id=data["patient_id"],
-                          threshold="val_f1", val=(val["y"], val["score"]), n_boot=n_boot, seed=0)
+    rep = fairness_report(
+        data["y"],
+        data["score"],
+        groups,
+        classes=CLASSES,
+        patient_id=data["patient_id"],
+        threshold="val_f1",
+        val=(val["y"], val["score"]),
+        n_boot=n_boot,
+        seed=0,
+    )
     ours = time.perf_counter() - t0
     ours_cpu = time.process_time() - c0
 
@@ -110,9 +129,9 @@ def run(quick: bool = False) -> dict:
     max_diff = 0.0
     for k, (a, lab) in enumerate(groups.items()):
         codes = np.unique(lab, return_inverse=True)[1]
-        W = next(patient_weights(patient_strata(pidx, codes, n_pat), n_rep, 0, 99 + k, n_rep))
+        wts = next(patient_weights(patient_strata(pidx, codes, n_pat), n_rep, 0, 99 + k, n_rep))
         for r in range(n_rep):
-            idx = np.repeat(np.arange(n), W[r][pidx])  # the resampled data set: every drawn patient's images
+            idx = np.repeat(np.arange(n), wts[r][pidx])  # the resampled data set: every drawn patient's images
             t1 = time.perf_counter()
             fl = _fairlearn_replicate(data["y"], data["score"], {a: lab}, idx, thresholds)
             t_fl += time.perf_counter() - t1
@@ -122,8 +141,9 @@ def run(quick: bool = False) -> dict:
             # cross-check: the vectorised kernel on the same weights gives the same AUC gap
             names = np.unique(lab)
             use = np.flatnonzero(names != "unknown")
-            res = GroupedBootstrap(data["y"], data["score"], data["y"] >= 0, codes, names.size, pidx, n_pat,
-                                   thresholds).metrics(W[r:r + 1])
+            res = GroupedBootstrap(
+                data["y"], data["score"], data["y"] >= 0, codes, names.size, pidx, n_pat, thresholds
+            ).metrics(wts[r : r + 1])
             for c in range(data["y"].shape[1]):
                 for m in fl[(c, a)].index:
                     v = res[m][c, use, 0]

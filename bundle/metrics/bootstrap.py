@@ -122,9 +122,9 @@ def for_each_chunk(
 
     def work(lo: int, hi: int) -> None:
         pos = lo
-        for W in patient_weights(strata, hi, seed, stream, chunk, start=lo):
-            fn(W, pos)
-            pos += W.shape[0]
+        for wts in patient_weights(strata, hi, seed, stream, chunk, start=lo):
+            fn(wts, pos)
+            pos += wts.shape[0]
 
     bounds = np.linspace(0, n_boot, n_jobs + 1).astype(int)
     if n_jobs == 1:
@@ -172,50 +172,52 @@ class ClassPlan:
         self.lo, self.hi = lo, hi
         self.ties = bool(np.any(lo != hi))
 
-    def counts(self, W: np.ndarray) -> dict[str, np.ndarray]:
+    def counts(self, wts: np.ndarray) -> dict[str, np.ndarray]:
         """npos, nneg, tp, fp and u2 (twice the Mann-Whitney U) per group, float arrays (G, B)."""
         # small-integer gathers and int32 cumulative sums are exact (total weight << 2**31) and several times
         # faster than float64 ones
-        if W.dtype not in (np.uint8, np.int32):
-            W = W.astype(np.uint8 if W.size and 0 <= W.min() and W.max() <= 255 else np.int32)
-        B = W.shape[0]
-        Wn = np.take(W, self.neg_cols, axis=1)
-        Wp = np.take(W, self.pos_cols, axis=1)
-        C = np.zeros((B, Wn.shape[1] + 1), dtype=np.int32)
-        np.cumsum(Wn, axis=1, dtype=np.int32, out=C[:, 1:])
-        Cp = np.zeros((B, Wp.shape[1] + 1), dtype=np.int32)
-        np.cumsum(Wp, axis=1, dtype=np.int32, out=Cp[:, 1:])
-        X = np.take(C, self.lo, axis=1)  # negatives below (2x) ...
+        if wts.dtype not in (np.uint8, np.int32):
+            wts = wts.astype(np.uint8 if wts.size and 0 <= wts.min() and wts.max() <= 255 else np.int32)
+        n_rep = wts.shape[0]
+        wts_neg = np.take(wts, self.neg_cols, axis=1)
+        wts_pos = np.take(wts, self.pos_cols, axis=1)
+        cum_neg = np.zeros((n_rep, wts_neg.shape[1] + 1), dtype=np.int32)
+        np.cumsum(wts_neg, axis=1, dtype=np.int32, out=cum_neg[:, 1:])
+        cum_pos = np.zeros((n_rep, wts_pos.shape[1] + 1), dtype=np.int32)
+        np.cumsum(wts_pos, axis=1, dtype=np.int32, out=cum_pos[:, 1:])
+        below2 = np.take(cum_neg, self.lo, axis=1)  # negatives below (2x) ...
         if self.ties:
-            X += np.take(C, self.hi, axis=1)  # ... ties counted once
+            below2 += np.take(cum_neg, self.hi, axis=1)  # ... ties counted once
         else:
-            X *= 2
-        Xf, Wpf = X.astype(np.float64), Wp.astype(np.float64)  # float sums below stay exact (< 2**53)
-        Cn_b = C[:, self.neg_bounds].T.astype(np.float64)  # (G + 1, B)
-        Cp_b = Cp[:, self.pos_bounds].T.astype(np.float64)
-        npos = Cp_b[1:] - Cp_b[:-1]
+            below2 *= 2
+        below2_f, wts_pos_f = below2.astype(np.float64), wts_pos.astype(
+            np.float64
+        )  # float sums below stay exact (< 2**53)
+        cum_neg_b = cum_neg[:, self.neg_bounds].T.astype(np.float64)  # (G + 1, B)
+        cum_pos_b = cum_pos[:, self.pos_bounds].T.astype(np.float64)
+        npos = cum_pos_b[1:] - cum_pos_b[:-1]
         u2 = (
             np.stack(
                 [
-                    np.einsum("bi,bi->b", Wpf[:, a:b], Xf[:, a:b])
+                    np.einsum("bi,bi->b", wts_pos_f[:, a:b], below2_f[:, a:b])
                     for a, b in zip(self.pos_bounds[:-1], self.pos_bounds[1:], strict=False)
                 ]
             )
             if self.G
-            else np.zeros((0, B))
+            else np.zeros((0, n_rep))
         )
         return {
             "npos": npos,
-            "nneg": Cn_b[1:] - Cn_b[:-1],
-            "tp": Cp_b[1:] - Cp[:, self.pos_thr].T,
-            "fp": Cn_b[1:] - C[:, self.neg_thr].T,
+            "nneg": cum_neg_b[1:] - cum_neg_b[:-1],
+            "tp": cum_pos_b[1:] - cum_pos[:, self.pos_thr].T,
+            "fp": cum_neg_b[1:] - cum_neg[:, self.neg_thr].T,
             # 2U relative to the group: C also counts the negatives of earlier groups
-            "u2": u2 - 2 * Cn_b[:-1] * npos,
+            "u2": u2 - 2 * cum_neg_b[:-1] * npos,
         }
 
-    def auc(self, W: np.ndarray) -> np.ndarray:
+    def auc(self, wts: np.ndarray) -> np.ndarray:
         """Only the AUC (G, B) for a (B, P) integer weight matrix (used by the permutation test)."""
-        t = self.counts(W)
+        t = self.counts(wts)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where((t["npos"] > 0) & (t["nneg"] > 0), t["u2"] / (2 * t["npos"] * t["nneg"]), np.nan)
 
@@ -239,8 +241,8 @@ class GroupedBootstrap:
         thresholds,
     ):
         y, s = np.asarray(y, dtype=float), np.asarray(s, dtype=float)
-        C = y.shape[1]
-        self.C, self.G = C, n_groups
+        n_cls = y.shape[1]
+        self.C, self.G = n_cls, n_groups
         codes = np.asarray(codes, dtype=np.int64)
         cols = np.asarray(cols, dtype=np.int64)
         self.plans = [
@@ -252,11 +254,11 @@ class GroupedBootstrap:
                 cols[known[:, c]],
                 float(thresholds[c]),
             )
-            for c in range(C)
+            for c in range(n_cls)
         ]
         rows, vals, pcols = [], [], []
         nb = N_ECE_BINS + 1  # 10 ECE bins (sum of y - s) and the BCE sum, per class and group
-        for c in range(C):
+        for c in range(n_cls):
             k = known[:, c]
             yc, sc, gc = y[k, c], s[k, c], codes[k]
             base = (c * n_groups + gc) * nb
@@ -269,17 +271,17 @@ class GroupedBootstrap:
                 np.concatenate(vals) if vals else np.zeros(0),
                 (rows_a, np.concatenate(pcols) if pcols else np.zeros(0, np.int64)),
             ),
-            shape=(C * n_groups * nb, n_cols),
+            shape=(n_cls * n_groups * nb, n_cols),
         )
 
-    def metrics(self, W: np.ndarray) -> dict[str, np.ndarray]:
-        B = W.shape[0]
-        lin = (self.F @ np.ascontiguousarray(W.T, dtype=np.float64)).reshape(self.C, self.G, N_ECE_BINS + 1, B)
+    def metrics(self, wts: np.ndarray) -> dict[str, np.ndarray]:
+        n_rep = wts.shape[0]
+        lin = (self.F @ np.ascontiguousarray(wts.T, dtype=np.float64)).reshape(self.C, self.G, N_ECE_BINS + 1, n_rep)
         ece_abs = np.abs(lin[:, :, :N_ECE_BINS]).sum(axis=2)
         bce = lin[:, :, N_ECE_BINS]
-        cnt = [p.counts(W) for p in self.plans]
+        cnt = [p.counts(wts) for p in self.plans]
         st = {
-            k: np.stack([t[k] for t in cnt]) if cnt else np.zeros((0, self.G, B))
+            k: np.stack([t[k] for t in cnt]) if cnt else np.zeros((0, self.G, n_rep))
             for k in ("npos", "nneg", "tp", "fp", "u2")
         }
         return metrics_from_sums(st["npos"], st["nneg"], st["tp"], st["fp"], st["u2"], ece_abs, bce)

@@ -198,7 +198,7 @@ def resolve_thresholds(
         method = threshold
         if method not in THRESHOLD_METHODS:
             raise ValueError(
-                f"threshold={method!r} unknown; use one of {THRESHOLD_METHODS}, a number, or one " "number per class"
+                f"threshold={method!r} unknown; use one of {THRESHOLD_METHODS}, a number, or one number per class"
             )
         if method.startswith("val_"):
             if val is None:

@@ -32,12 +32,12 @@ def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
     lam = src - i0
-    R = np.zeros((n_out, n_in))
+    interp = np.zeros((n_out, n_in))
     rows = np.arange(n_out)
-    np.add.at(R, (rows, i0), 1.0 - lam)
-    np.add.at(R, (rows, i1), lam)
-    R.setflags(write=False)
-    return R
+    np.add.at(interp, (rows, i0), 1.0 - lam)
+    np.add.at(interp, (rows, i1), lam)
+    interp.setflags(write=False)
+    return interp
 
 
 def upsample_bilinear(maps, size: tuple[int, int]) -> np.ndarray:
@@ -45,9 +45,9 @@ def upsample_bilinear(maps, size: tuple[int, int]) -> np.ndarray:
     a = np.asarray(maps, dtype=np.float64)
     if a.ndim not in (2, 3):
         raise ValueError(f"upsample_bilinear: expected (h, w) or (K, h, w) maps, got shape {a.shape}")
-    H, W = int(size[0]), int(size[1])
-    Ry, Rx = _interp_matrix(a.shape[-2], H), _interp_matrix(a.shape[-1], W)
-    return Ry @ a @ Rx.T
+    out_h, out_w = int(size[0]), int(size[1])
+    interp_y, interp_x = _interp_matrix(a.shape[-2], out_h), _interp_matrix(a.shape[-1], out_w)
+    return interp_y @ a @ interp_x.T
 
 
 def _pairs(attention, masks, name: str):
@@ -165,45 +165,45 @@ def pair_metric_report(
     with fewer than ``min_count`` pairs, with the reason.
     """
     vals, valid = _cells_per_pair(values, labels, available)
-    N, C = vals.shape
-    classes = [f"class_{i}" for i in range(C)] if classes is None else [str(c) for c in classes]
-    if len(classes) != C:
-        raise ValueError(f"classes: need {C} names, got {len(classes)}")
-    pidx, n_pat = patient_index(patient_id, N)
+    n_samples, n_cls = vals.shape
+    classes = [f"class_{i}" for i in range(n_cls)] if classes is None else [str(c) for c in classes]
+    if len(classes) != n_cls:
+        raise ValueError(f"classes: need {n_cls} names, got {len(classes)}")
+    pidx, n_pat = patient_index(patient_id, n_samples)
     v0 = np.where(valid, vals, 0.0)
     attrs = {}
     for a, lab in (groups or {}).items():
         lab = clean_labels(lab)
-        if lab.shape != (N,):
-            raise ValueError(f"groups[{a!r}] has {lab.size} values but there are {N} samples")
+        if lab.shape != (n_samples,):
+            raise ValueError(f"groups[{a!r}] has {lab.size} values but there are {n_samples} samples")
         attrs[str(a)] = lab
 
-    def cells(codes, G):
+    def cells(codes, n_groups):
         # per patient sums of value and count for each (group, class) cell and for (group, all classes)
-        K = G * (C + 1)
-        S = np.zeros((n_pat, K))
-        Nn = np.zeros((n_pat, K))
-        for i in range(C):
-            np.add.at(S, (pidx, codes * (C + 1) + i), v0[:, i])
-            np.add.at(Nn, (pidx, codes * (C + 1) + i), valid[:, i])
-        np.add.at(S, (pidx, codes * (C + 1) + C), v0.sum(axis=1))
-        np.add.at(Nn, (pidx, codes * (C + 1) + C), valid.sum(axis=1))
-        return S, Nn
+        n_cells = n_groups * (n_cls + 1)
+        sums = np.zeros((n_pat, n_cells))
+        counts = np.zeros((n_pat, n_cells))
+        for i in range(n_cls):
+            np.add.at(sums, (pidx, codes * (n_cls + 1) + i), v0[:, i])
+            np.add.at(counts, (pidx, codes * (n_cls + 1) + i), valid[:, i])
+        np.add.at(sums, (pidx, codes * (n_cls + 1) + n_cls), v0.sum(axis=1))
+        np.add.at(counts, (pidx, codes * (n_cls + 1) + n_cls), valid.sum(axis=1))
+        return sums, counts
 
-    def estimate(codes, G, stream):
-        S, Nn = cells(codes, G)
+    def estimate(codes, n_groups, stream):
+        sums, counts = cells(codes, n_groups)
         with np.errstate(invalid="ignore", divide="ignore"):
-            point = S.sum(0) / Nn.sum(0)
+            point = sums.sum(0) / counts.sum(0)
         boots = None
         if n_boot > 0:
-            boots = np.empty((S.shape[1], n_boot))
+            boots = np.empty((sums.shape[1], n_boot))
             start = 0
-            for W in patient_weights(patient_strata(pidx, codes, n_pat), n_boot, seed, stream, default_chunk(n_pat)):
-                Wf = W.astype(np.float64)
+            for wts in patient_weights(patient_strata(pidx, codes, n_pat), n_boot, seed, stream, default_chunk(n_pat)):
+                wts_f = wts.astype(np.float64)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    boots[:, start : start + W.shape[0]] = ((Wf @ S) / (Wf @ Nn)).T
-                start += W.shape[0]
-        return point, Nn.sum(0).astype(int), boots
+                    boots[:, start : start + wts.shape[0]] = ((wts_f @ sums) / (wts_f @ counts)).T
+                start += wts.shape[0]
+        return point, counts.sum(0).astype(int), boots
 
     def cell(point, n, boots, k):
         return {
@@ -212,7 +212,7 @@ def pair_metric_report(
             "ci": _ci(boots[k], ci) if boots is not None and n[k] > 0 else None,
         }
 
-    point, n, boots = estimate(np.zeros(N, np.int64), 1, 0)
+    point, n, boots = estimate(np.zeros(n_samples, np.int64), 1, 0)
     report = {
         "metric": name,
         "n_boot": n_boot,
@@ -220,9 +220,9 @@ def pair_metric_report(
         "min_count": min_count,
         "pairs": "label == 1, finite value (non-empty mask)" + (", available" if available is not None else ""),
         "per_class": {c: cell(point, n, boots, i) for i, c in enumerate(classes)},
-        "all_classes": cell(point, n, boots, C),
+        "all_classes": cell(point, n, boots, n_cls),
     }
-    pc = np.asarray([point[i] for i in range(C)], dtype=float)
+    pc = np.asarray([point[i] for i in range(n_cls)], dtype=float)
     report["macro"] = {
         "value": float(np.nanmean(pc)) if np.isfinite(pc).any() else math.nan,
         "n_classes": int(np.isfinite(pc).sum()),
@@ -231,19 +231,19 @@ def pair_metric_report(
     for k_attr, (a, lab) in enumerate(attrs.items()):
         order = sorted(set(lab.tolist()), key=natural_key)
         lookup = {g: j for j, g in enumerate(order)}
-        codes = np.fromiter((lookup[v] for v in lab.tolist()), dtype=np.int64, count=N)
+        codes = np.fromiter((lookup[v] for v in lab.tolist()), dtype=np.int64, count=n_samples)
         point, n, boots = estimate(codes, len(order), k_attr + 1)
         entry = {"groups": {}, "gaps": {}}
         for j, g in enumerate(order):
-            base = j * (C + 1)
+            base = j * (n_cls + 1)
             entry["groups"][g] = {
-                "all_classes": cell(point, n, boots, base + C),
+                "all_classes": cell(point, n, boots, base + n_cls),
                 "per_class": {c: cell(point, n, boots, base + i) for i, c in enumerate(classes)},
             }
         for i, c in enumerate(classes + ["all_classes"]):
             use, excluded = [], {}
             for j, g in enumerate(order):
-                k = j * (C + 1) + i
+                k = j * (n_cls + 1) + i
                 if g == UNKNOWN:
                     excluded[g] = "unknown attribute value"
                 elif n[k] < max(min_count, 1):
@@ -261,7 +261,7 @@ def pair_metric_report(
             entry["gaps"][c] = {
                 "gap": gap,
                 "ci": gci,
-                "groups": [order[k // (C + 1)] for k in use],
+                "groups": [order[k // (n_cls + 1)] for k in use],
                 "excluded": excluded,
             }
         report["groups"][a] = entry
@@ -278,11 +278,11 @@ def _per_pair(fn, attention, masks, labels, available, **kw) -> np.ndarray:
     lab = np.asarray(labels, dtype=float)
     if lab.ndim != 2:
         raise ValueError(f"labels: expected (N, C), got shape {lab.shape}")
-    N, C = lab.shape
+    n_samples, n_cls = lab.shape
     want = lab == 1
     if available is not None:
-        want &= np.asarray(available, dtype=float).reshape(N, C) > 0
-    out = np.full((N, C), np.nan)
+        want &= np.asarray(available, dtype=float).reshape(n_samples, n_cls) > 0
+    out = np.full((n_samples, n_cls), np.nan)
     idx = np.argwhere(want)
     if idx.size:
         att = [np.asarray(attention[i][c]) for i, c in idx]

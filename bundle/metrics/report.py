@@ -55,7 +55,7 @@ def _prepare_groups(groups, n, intersections) -> dict[str, np.ndarray]:
         lab = clean_labels(vals)
         if lab.shape != (n,):
             raise ValueError(
-                f"groups[{name!r}] has {lab.size} values but y_true has {n} rows; give one label per " "sample"
+                f"groups[{name!r}] has {lab.size} values but y_true has {n} rows; give one label per sample"
             )
         out[str(name)] = lab
     for spec in intersections or []:
@@ -83,9 +83,9 @@ def _exclusion(label: str, m: Mapping, min_count: int) -> str | None:
 
 _UNDEFINED = {
     "auc": "AUC undefined (group has one class only)",
-    "precision": "precision undefined (no predicted " "positives)",
+    "precision": "precision undefined (no predicted positives)",
     "sensitivity": "sensitivity undefined (no positives)",
-    "specificity": "specificity " "undefined (no negatives)",
+    "specificity": "specificity undefined (no negatives)",
     "fpr": "FPR undefined (no negatives)",
 }
 
@@ -141,7 +141,7 @@ def _permutation_auc_gap(y, s, codes, n_perm, seed, stream, chunk) -> np.ndarray
     """AUC gaps under random permutations of the group labels among the given samples (image level)."""
     n = y.size
     labels, codes = np.unique(codes, return_inverse=True)
-    G = labels.size
+    n_groups = labels.size
     plan = ClassPlan(y, s, np.zeros(n, np.int64), 1, np.arange(n), 0.5)
     out = np.empty(n_perm)
     for start in range(0, n_perm, chunk):
@@ -149,7 +149,7 @@ def _permutation_auc_gap(y, s, codes, n_perm, seed, stream, chunk) -> np.ndarray
         perm = np.stack(
             [np.random.default_rng([seed, 10_000 + stream, start + j]).permutation(codes) for j in range(k)]
         )
-        aucs = np.concatenate([plan.auc((perm == g).astype(np.int32)) for g in range(G)])  # (G, k)
+        aucs = np.concatenate([plan.auc((perm == g).astype(np.int32)) for g in range(n_groups)])  # (G, k)
         out[start : start + k] = _boot_gap(aucs)
     return out
 
@@ -183,27 +183,29 @@ def fairness_report(
     ``[("sex", "age")]``. ``permutation_test``: number of label permutations for a p-value of each AUC gap.
     ``chunk`` (replicates per array pass) and ``n_jobs`` (threads, default up to 2) change speed, not results.
     """
-    Y, S = as_2d(y_true, "y_true"), as_2d(y_score, "y_score")
-    if Y.shape != S.shape:
-        raise ValueError(f"y_true shape {Y.shape} != y_score shape {S.shape}; both must be (N, C)")
-    N, C = Y.shape
-    classes = [f"class_{i}" for i in range(C)] if classes is None else [str(c) for c in classes]
-    if len(classes) != C or len(set(classes)) != C:
-        raise ValueError(f"classes: need {C} distinct names (one per column of y_true), got {classes}")
+    y_all, s_all = as_2d(y_true, "y_true"), as_2d(y_score, "y_score")
+    if y_all.shape != s_all.shape:
+        raise ValueError(f"y_true shape {y_all.shape} != y_score shape {s_all.shape}; both must be (N, C)")
+    n_samples, n_cls = y_all.shape
+    classes = [f"class_{i}" for i in range(n_cls)] if classes is None else [str(c) for c in classes]
+    if len(classes) != n_cls or len(set(classes)) != n_cls:
+        raise ValueError(f"classes: need {n_cls} distinct names (one per column of y_true), got {classes}")
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), e.g. 0.95; got {ci}")
     if n_boot < 0 or min_count < 0 or permutation_test < 0:
         raise ValueError("n_boot, min_count and permutation_test must be >= 0")
-    known = np.stack([known_mask(Y[:, c]) for c in range(C)], axis=1) if C else np.zeros((N, 0), bool)
-    check_scores(S[known])
-    attrs = _prepare_groups(groups, N, intersections)
-    thresholds = resolve_thresholds(threshold, C, classes, Y, S, val)
+    known = (
+        np.stack([known_mask(y_all[:, c]) for c in range(n_cls)], axis=1) if n_cls else np.zeros((n_samples, 0), bool)
+    )
+    check_scores(s_all[known])
+    attrs = _prepare_groups(groups, n_samples, intersections)
+    thresholds = resolve_thresholds(threshold, n_cls, classes, y_all, s_all, val)
     thr = [thresholds[c]["value"] for c in classes]
-    pidx, n_pat = patient_index(patient_id, N)
-    chunk = chunk or default_chunk(N)
+    pidx, n_pat = patient_index(patient_id, n_samples)
+    chunk = chunk or default_chunk(n_samples)
 
     # ---- point estimates
-    overall = {c: group_metrics(Y[known[:, i], i], S[known[:, i], i], thr[i]) for i, c in enumerate(classes)}
+    overall = {c: group_metrics(y_all[known[:, i], i], s_all[known[:, i], i], thr[i]) for i, c in enumerate(classes)}
     glabels = {a: sorted(set(lab.tolist()), key=natural_key) for a, lab in attrs.items()}
     gcodes = {a: _codes(lab, glabels[a]) for a, lab in attrs.items()}
     per: dict = {c: {} for c in classes}
@@ -212,7 +214,7 @@ def fairness_report(
             gm = {}
             for k, g in enumerate(glabels[a]):
                 sel = known[:, i] & (gcodes[a] == k)
-                m = group_metrics(Y[sel, i], S[sel, i], thr[i])
+                m = group_metrics(y_all[sel, i], s_all[sel, i], thr[i])
                 m["excluded_reason"] = _exclusion(g, m, min_count)
                 m["in_gap"] = m["excluded_reason"] is None
                 gm[g] = m
@@ -222,16 +224,16 @@ def fairness_report(
     boot: dict = {c: {} for c in classes}
     boot_overall: dict = dict.fromkeys(classes)
     if n_boot > 0:
-        streams = [("__overall__", np.zeros(N, np.int64), 1, OVERALL_STREAM)]
+        streams = [("__overall__", np.zeros(n_samples, np.int64), 1, OVERALL_STREAM)]
         streams += [(a, gcodes[a], len(glabels[a]), k + 1) for k, a in enumerate(attrs)]
-        for name, codes, G, stream in streams:
-            engine = GroupedBootstrap(Y, S, known, codes, G, pidx, n_pat, thr)
-            acc = {m: np.empty((C, G, n_boot)) for m in METRICS}
+        for name, codes, n_groups, stream in streams:
+            engine = GroupedBootstrap(y_all, s_all, known, codes, n_groups, pidx, n_pat, thr)
+            acc = {m: np.empty((n_cls, n_groups, n_boot)) for m in METRICS}
 
-            def fill(W, start, engine=engine, acc=acc):
-                res = engine.metrics(W)
+            def fill(wts, start, engine=engine, acc=acc):
+                res = engine.metrics(wts)
                 for m in METRICS:
-                    acc[m][:, :, start : start + W.shape[0]] = res[m]
+                    acc[m][:, :, start : start + wts.shape[0]] = res[m]
 
             for_each_chunk(fill, patient_strata(pidx, codes, n_pat), n_boot, seed, stream, chunk, n_jobs)
             for i, c in enumerate(classes):
@@ -281,8 +283,8 @@ def fairness_report(
             entry["equalized_odds"] = eo
             if permutation_test > 0:
                 entry["permutation"] = _perm_entry(
-                    Y[:, i],
-                    S[:, i],
+                    y_all[:, i],
+                    s_all[:, i],
                     known[:, i],
                     gcodes[a],
                     glabels[a],
@@ -320,7 +322,7 @@ def fairness_report(
     report = {
         "version": REPORT_VERSION,
         "meta": {
-            "n_samples": N,
+            "n_samples": n_samples,
             "n_patients": n_pat,
             "classes": classes,
             "attributes": list(attrs),

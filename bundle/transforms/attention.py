@@ -313,7 +313,7 @@ class RasterizeAttentiond(Transform):
         if lb is None:
             if entries:
                 raise AttentionError(
-                    f"{source or 'record'}: no d['letterbox']; put Letterboxd (same size) before " "RasterizeAttentiond"
+                    f"{source or 'record'}: no d['letterbox']; put Letterboxd (same size) before RasterizeAttentiond"
                 )
             d[self.out_key] = np.zeros((len(self.classes), self.size, self.size), np.float32)
             d[self.avail_key] = np.zeros(len(self.classes), np.float32)

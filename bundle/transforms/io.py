@@ -405,7 +405,7 @@ def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None
         raise _err(
             path,
             f"DICOM LUT/window attributes could not be applied ({type(e).__name__}: {e})",
-            "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width " "in the header",
+            "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width in the header",
         ) from e
     if hi == lo:
         res = np.zeros(out.shape, np.float32)
