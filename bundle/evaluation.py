@@ -157,6 +157,8 @@ def evaluate(
         )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if ckpt_path:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 writes the best model; the others must not read it before it exists
         load_checkpoint(network, ckpt_path)
     network = network.to(device)
     val = None
