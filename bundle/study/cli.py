@@ -12,10 +12,10 @@ from collections.abc import Iterable, Sequence
 import yaml
 
 from bundle.study.config import DEFAULT_STUDY_YAML, ReportOptions, load_study_config
-from bundle.study.report import make_report
+from bundle.study.report import make_merged_report, make_report
 from bundle.study.runner import run_study
 
-__all__ = ["parse_assignments", "parse_shard", "run_study_main", "report_main"]
+__all__ = ["parse_assignments", "parse_shard", "parse_conditions", "run_study_main", "report_main"]
 
 
 def parse_assignments(items: Iterable[str], what: str) -> dict:
@@ -117,42 +117,101 @@ def run_study_main(argv: Sequence[str] | None = None, description: str | None = 
     return 0 if res.ok else 1
 
 
+def parse_conditions(items: Sequence[str]) -> dict[str, str]:
+    """['effusion=results/eff', 'results/edema'] -> {'effusion': 'results/eff', 'edema': 'results/edema'} (a folder
+    without a label is labelled by its name)."""
+    out: dict[str, str] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep:
+            label, path = os.path.basename(os.path.normpath(item)), item
+        if not label or not path:
+            raise ValueError(f"study {item!r}: give a folder or LABEL=FOLDER, e.g. effusion=results/effusion")
+        if label in out:
+            raise ValueError(f"condition {label!r} given twice; label the folders, e.g. effusion=results/effusion")
+        out[label] = path
+    return out
+
+
 def report_main(argv: Sequence[str] | None = None, description: str | None = None) -> int:
-    """scripts/report.py: 0 when the report was written, 2 on a usage error (no study, no finished run)."""
+    """scripts/report.py: 0 when the report was written, 2 on a usage error (no study, no finished run, a missing
+    best-p criterion without fallback)."""
     d = ReportOptions
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("study_dir", help="the study folder (default of the runner: results/<name>)")
+    ap.add_argument(
+        "study_dir",
+        nargs="+",
+        help="the study folder (default of the runner: results/<name>), or a folder with a report's results.csv and "
+        "study_config.json; several (LABEL=FOLDER, one per condition) = one merged report (needs --out)",
+    )
     ap.add_argument("--out", default=None, help="report folder (default <study_dir>/report)")
     ap.add_argument(
         "--best-p-by",
         default=None,
         metavar="SPLIT/METRIC",
-        help=f"choose Table 2's best p by this mean (default: the study's report.best_p_by, {d.best_p_by})",
+        help=f"choose Table 2's best p by this mean (default: the study's report.best_p_by, else {d.best_p_by}; "
+        "validation/... = the runs' model_selection.json)",
+    )
+    ap.add_argument(
+        "--best-p-fallback",
+        default=None,
+        metavar="SPLIT/METRIC",
+        help=f"used, with a warning, when a setting lacks the best-p criterion; 'none' = an error instead "
+        f"(default {d.best_p_fallback})",
     )
     ap.add_argument(
         "--control-split", default=None, help=f"split of the positive-control table (default {d.control_split})"
     )
+    ap.add_argument("--ood-splits", default=None, help=f"comma-separated OOD splits (default {','.join(d.ood_splits)})")
     ap.add_argument("--attributes", default=None, help=f"comma-separated attributes (default {','.join(d.attributes)})")
+    ap.add_argument(
+        "--findings",
+        action="append",
+        default=[],
+        metavar="LABEL=F1,F2",
+        help="merged report: count only these findings of condition LABEL (repeatable)",
+    )
     ap.add_argument("--no-mlflow", action="store_true", help="do not log the report to the parent MLflow run")
     args = ap.parse_args(argv)
+    fallback = args.best_p_fallback
     opts = {
         k: v
         for k, v in {
             "best_p_by": args.best_p_by,
+            "best_p_fallback": "" if fallback is not None and fallback.lower() in ("none", "") else fallback,
             "control_split": args.control_split,
+            "ood_splits": args.ood_splits.split(",") if args.ood_splits else None,
             "attributes": args.attributes.split(",") if args.attributes else None,
         }.items()
         if v is not None
     }
     try:
-        out = make_report(args.study_dir, out_dir=args.out, options=opts, mlflow=not args.no_mlflow)
+        if len(args.study_dir) > 1 or args.findings:
+            if not args.out:
+                raise ValueError("several study folders make one merged report: give its folder with --out")
+            findings = {
+                k: [f for f in str(v).split(",") if f]
+                for k, v in parse_assignments(args.findings, "--findings").items()
+            }
+            out = make_merged_report(parse_conditions(args.study_dir), args.out, options=opts, findings=findings)
+            c = out["counts"]
+            print(
+                f"{len(out['best_p'])} conditions; best p {out['best_p']}; alignment improved {c['best_p'][0]} of "
+                f"{c['best_p'][1]} comparisons (best p; without flagged {c['best_p_unflagged'][0]} of "
+                f"{c['best_p_unflagged'][1]}), {c['p1'][0]} of {c['p1'][1]} (p = 1)"
+            )
+            print(f"report: {os.path.join(out['report_dir'], 'results.md')}")
+            return 0
+        out = make_report(args.study_dir[0], out_dir=args.out, options=opts, mlflow=not args.no_mlflow)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lb, tb = out["lowered_best_p"]
+    ub, vb = out["unflagged_best_p"]
     print(
-        f"{out['n_runs']} finished runs; best p = {out['best_p']} ({out['best_p_how']}); alignment lowered the gap "
-        f"in {lb} of {tb} comparisons (best p), {out['lowered_p1'][0]} of {out['lowered_p1'][1]} (p = 1)"
+        f"{out['n_runs']} finished runs; best p = {out['best_p']} ({out['best_p_how']}); alignment improved "
+        f"{lb} of {tb} comparisons (best p; without flagged {ub} of {vb}), {out['lowered_p1'][0]} of "
+        f"{out['lowered_p1'][1]} (p = 1)"
     )
     print(f"report: {os.path.join(out['report_dir'], 'results.md')}")
     return 0

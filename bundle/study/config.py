@@ -25,6 +25,8 @@ __all__ = [
     "StudyConfig",
     "load_study_config",
     "deep_merge",
+    "drop_synthetic_keys",
+    "SYNTHETIC_ONLY_KEYS",
     "resolve_path",
 ]
 
@@ -66,9 +68,19 @@ class ReportOptions:
     """The report's options (the ``report`` section of the study YAML) and their defaults, the only copy of them."""
 
     control_split: str = "test_ood"  # the split of the positive-control table
-    best_p_by: str = "test/mean_auc"  # "best p" of Table 2 = the p > 0 with the highest mean of this split/metric
+    # "best p" of Table 2 = the p > 0 with the highest mean of this split/metric; "validation" is the checkpoint's
+    # validation split (eval/report/model_selection.json of each run), as in the paper
+    best_p_by: str = "validation/mean_auc"
+    # used, with a warning in the report, when a setting lacks best_p_by; "" = no fallback (an error instead)
+    best_p_fallback: str = "test/mean_auc"
+    ood_splits: tuple[str, ...] = ("test_ood",)  # the out-of-domain splits of the paper's count and Fig. 6
     attributes: tuple[str, ...] = ("sex", "age")  # the attributes of the tables and figures (those found)
     fig_gap_metric: str = "auc"  # the gap on the y axis of Fig. 3
+    ceiling: float = (
+        0.999  # a finding at or above this AUC (sensitivity, ...) in every seed: that gap is ~0 by construction
+    )
+    weak_auc: float = 0.6  # a baseline below this mean AUC on a finding barely learned it
+    degenerate_sd: float = 1e-3  # scores with a smaller sd over a split's images are constant (degenerate model)
 
     @classmethod
     def resolve(cls, *layers: Mapping | None) -> ReportOptions:
@@ -77,13 +89,14 @@ class ReportOptions:
         merged: dict = {}
         for layer in layers:
             merged.update({k: v for k, v in (layer or {}).items() if k in known})
-        if "attributes" in merged:
-            merged["attributes"] = tuple(merged["attributes"])
+        for k in ("attributes", "ood_splits"):
+            if k in merged:
+                merged[k] = (merged[k],) if isinstance(merged[k], str) else tuple(merged[k])
         return cls(**merged)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["attributes"] = list(self.attributes)
+        d["attributes"], d["ood_splits"] = list(self.attributes), list(self.ood_splits)
         return d
 
 
@@ -101,6 +114,7 @@ class StudyConfig:
     tracking_uri: str
     report: dict
     source: str = ""
+    dropped_train_overrides: dict = field(default_factory=dict)
     description: str = ""
     settings: list[Setting] = field(default_factory=list)
 
@@ -125,6 +139,7 @@ class StudyConfig:
             "tracking_uri": self.tracking_uri,
             "report": self.report,
             "source": self.source,
+            "dropped_train_overrides": self.dropped_train_overrides,
             "description": self.description,
             "settings": [s.fields() for s in self.settings],
         }
@@ -139,6 +154,22 @@ def deep_merge(base: dict, over: Mapping) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+# train.yaml keys that only feed the built-in synthetic benchmark: meaningless once a datalist_file is given
+SYNTHETIC_ONLY_KEYS = ("dataset_dir", "synthetic_params")
+
+
+def drop_synthetic_keys(profile_tov: Mapping, user_tov: Mapping) -> tuple[dict, dict]:
+    """The train overrides of the YAML/profile (``profile_tov``) merged with the user's (``user_tov``), without the
+    synthetic benchmark's keys that the YAML/profile set when a ``datalist_file`` (not a ``$`` expression) replaces
+    the synthetic datalist. Keys the user set explicitly are kept. Returns (overrides, dropped)."""
+    tov = deep_merge(dict(profile_tov or {}), user_tov or {})
+    dl = tov.get("datalist_file")
+    if not (isinstance(dl, str) and dl and not dl.startswith("$")):
+        return tov, {}
+    dropped = {k: tov.pop(k) for k in SYNTHETIC_ONLY_KEYS if k in tov and k not in (user_tov or {})}
+    return tov, dropped
 
 
 def resolve_path(path: str, base: str = BUNDLE_ROOT) -> str:
@@ -205,7 +236,11 @@ def load_study_config(
     cfg = deep_merge({k: v for k, v in raw.items() if k not in ("profiles", "default_profile")}, prof)
     for k, v in (overrides or {}).items():
         _set_dotted(cfg, k, v)
-    cfg["train_overrides"] = deep_merge(cfg.get("train_overrides") or {}, train_overrides or {})
+    if not isinstance(cfg.get("train_overrides") or {}, Mapping):
+        raise ValueError(
+            f"{where}: train_overrides must be a mapping of train.yaml keys, got {cfg['train_overrides']!r}"
+        )
+    cfg["train_overrides"], dropped = drop_synthetic_keys(cfg.get("train_overrides") or {}, train_overrides or {})
     where_p = f"{where} (profile {profile})"
 
     nm = name or cfg.get("name") or f"study_{profile}"
@@ -269,4 +304,5 @@ def load_study_config(
         source=where,
         description=str(cfg.get("description") or ""),
         settings=settings,
+        dropped_train_overrides=dropped,
     )

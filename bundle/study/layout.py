@@ -37,6 +37,7 @@ __all__ = [
     "write_record",
     "read_json",
     "fingerprint",
+    "config_fingerprint",
     "summary_path",
     "expects_summary",
     "try_run_lock",
@@ -57,17 +58,30 @@ def write_record(path: str, obj) -> None:
     write_json_atomic(path, obj, sort_keys=True, default=str, fsync=True)
 
 
-def fingerprint(cfg: StudyConfig, spec: RunSpec, datalist_file: str | None) -> str:
-    """What makes a run's result: configs, command, overrides, data. Output and tracking locations do not count."""
-    key = {
+def _fingerprint_key(cfg: StudyConfig, spec: RunSpec, datalist_file: str | None) -> dict:
+    return {
         "train_config": [os.path.relpath(p, BUNDLE_ROOT) for p in cfg.train_config],
         "train_command": cfg.train_command,
         "overrides": cfg.train_overrides,
-        "seed": spec.seed,
         "setting": [spec.setting.alignment_fraction, spec.setting.random_alignment, spec.setting.data_ratio],
         "datalist_file": datalist_file,
     }
+
+
+def _digest(key: dict) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def fingerprint(cfg: StudyConfig, spec: RunSpec, datalist_file: str | None) -> str:
+    """What makes a run's result: configs, command, overrides, data, setting and seed. Output and tracking locations
+    do not count. A finished run whose fingerprint differs from the current one is stale."""
+    return _digest({**_fingerprint_key(cfg, spec, datalist_file), "seed": spec.seed})
+
+
+def config_fingerprint(cfg: StudyConfig, spec: RunSpec, datalist_file: str | None) -> str:
+    """:func:`fingerprint` without the seed: equal for every seed of one setting made with one configuration, so the
+    report can tell whether a setting's seeds really mix configurations."""
+    return _digest(_fingerprint_key(cfg, spec, datalist_file))
 
 
 def summary_path(cfg: StudyConfig, spec: RunSpec) -> str:

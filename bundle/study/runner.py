@@ -28,6 +28,7 @@ from bundle.study.layout import (
     FAILED,
     LOG,
     SETTING,
+    config_fingerprint,
     expects_summary,
     fingerprint,
     log_tail,
@@ -140,6 +141,7 @@ class _Runner:
         cfg = self.cfg
         rdir = cfg.run_dir(spec)
         fp = fingerprint(cfg, spec, self.datalist)
+        cfp = config_fingerprint(cfg, spec, self.datalist)
         os.makedirs(rdir, exist_ok=True)
         with try_run_lock(rdir) as fd:
             if fd is None:
@@ -161,7 +163,14 @@ class _Runner:
             cmd = train_command(cfg, spec, self.datalist, self.parent)
             write_record(
                 os.path.join(rdir, SETTING),
-                {**spec.fields(), "fingerprint": fp, "command": cmd, "study": cfg.name, "profile": cfg.profile},
+                {
+                    **spec.fields(),
+                    "fingerprint": fp,
+                    "config_fingerprint": cfp,
+                    "command": cmd,
+                    "study": cfg.name,
+                    "profile": cfg.profile,
+                },
             )
             if os.path.exists(os.path.join(rdir, FAILED)):
                 os.remove(os.path.join(rdir, FAILED))
@@ -206,6 +215,7 @@ class _Runner:
                     {
                         **spec.fields(),
                         "fingerprint": fp,
+                        "config_fingerprint": cfp,
                         "elapsed_s": round(elapsed, 1),
                         "host": socket.gethostname(),
                         "finished": time.strftime("%FT%T"),
