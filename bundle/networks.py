@@ -29,6 +29,9 @@ DEFAULT_CLASSES = ("nodule_mass", "pleural_effusion", "edema")
 # Prompts of the paper's three findings; other class names default to the name with "_" -> " ".
 DEFAULT_PROMPTS = {"nodule_mass": "nodule or mass", "pleural_effusion": "pleural effusion", "edema": "edema"}
 
+# The presets, for Python use (build_aligner_vlm, benchmarks, tests). The configs list the sizes themselves:
+# configs/train.yaml's network_def (and configs/inference.yaml's) is DEMO_PRESET, configs/paper.yaml overrides it
+# with PAPER_PRESET; tests/test_workflow.py checks that they agree.
 # Demo: trains on 2 CPU cores (docs/model.md has the measured speed). 96 px / patch 16 -> 6 x 6 attention maps;
 # 4 ViT layers (the quick study measured this size: docs/results.md).
 DEMO_PRESET = {
@@ -141,9 +144,7 @@ class ConvAligner(nn.Module):
     def __init__(self, channels: int = 8, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
-        self.body = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 3, padding=1)
-        )
+        self.body = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.ReLU(), nn.Conv2d(channels, 1, 3, padding=1))
         nn.init.zeros_(self.body[-1].weight)
         nn.init.zeros_(self.body[-1].bias)
 

@@ -1,13 +1,32 @@
-"""Small glue used by the bundle configs (kept here so the YAML stays declarative)."""
+"""Small glue used by the bundle configs (kept here so that every ``$`` expression in configs/ is one short line)."""
+
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
 from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["as_bool", "rank", "with_index", "file_digest", "split_records", "pick_device", "experiment_params", "parameter_groups"]
+from bundle.utils.atomic import write_json_atomic
+from bundle.utils.dist import unwrap
+
+__all__ = [
+    "as_bool",
+    "with_index",
+    "split_records",
+    "file_digest",
+    "pick_device",
+    "experiment_params",
+    "network_params",
+    "parameter_groups",
+    "image_records",
+    "save_run_config",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 def as_bool(value, name: str = "flag") -> bool:
@@ -46,12 +65,6 @@ def file_digest(path: str, n: int = 12) -> str:
     return h.hexdigest()[:n]
 
 
-def rank() -> int:
-    """This process's rank under torch.distributed (0 when not distributed)."""
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def pick_device(name: str | None = None) -> torch.device:
     """``cuda`` when available unless a device is named (``cpu``, ``cuda:1``)."""
     if name:
@@ -59,9 +72,48 @@ def pick_device(name: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def experiment_params(**params) -> dict:
-    """The run-defining hyper-parameters as MLflow params (strings, None -> 'none')."""
-    return {k: ("none" if v is None else str(v)) for k, v in params.items()}
+def experiment_params(params: Mapping) -> dict:
+    """The config's ``mlflow_params`` as MLflow params: strings, None -> 'none'. A value that is itself a mapping
+    (the network's sizes from :func:`network_params`) is logged key by key, without its own name."""
+    flat: dict = {}
+    for k, v in params.items():
+        if isinstance(v, Mapping):
+            flat.update(v)
+        else:
+            flat[k] = v
+    return {k: ("none" if v is None else str(v)) for k, v in flat.items()}
+
+
+def network_params(net: torch.nn.Module) -> dict:
+    """Model sizes worth logging with a run, read from the built network (whatever its sizes came from)."""
+    net = unwrap(net)
+    n_all = sum(p.numel() for p in net.parameters())
+    n_trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    out = {"model": type(net).__name__, "n_parameters": n_all, "n_trainable": n_trainable}
+    vit = getattr(getattr(net, "image_encoder", None), "config", None)
+    if vit is not None:
+        out.update(
+            image_size=getattr(net, "image_size", vit.image_size),
+            patch_size=vit.patch_size,
+            vit_hidden=vit.hidden_size,
+            vit_layers=vit.num_hidden_layers,
+            vit_heads=vit.num_attention_heads,
+        )
+    txt = getattr(getattr(net, "text_encoder", None), "config", None)
+    if txt is not None:
+        out.update(
+            text_encoder=getattr(net, "text_source", "?"),
+            text_hidden=txt.hidden_size,
+            text_layers=txt.num_hidden_layers,
+            freeze_text=getattr(net, "freeze_text", None),
+        )
+    if hasattr(net, "layers"):
+        out.update(
+            fusion_layers=len(net.layers),
+            fusion_dim=getattr(net, "fusion_dim", None),
+            aligner=getattr(net, "aligner_type", None),
+        )
+    return out
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -74,45 +126,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def ensure_dir(path: str) -> str:
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def network_params(net: torch.nn.Module) -> dict:
-    """Model sizes worth logging with a run, read from the built network (works for any preset)."""
-    net = getattr(net, "module", net)
-    out = {"model": type(net).__name__, "n_parameters": count_parameters(net),
-           "n_trainable": count_parameters(net, trainable_only=True)}
-    vit = getattr(getattr(net, "image_encoder", None), "config", None)
-    if vit is not None:
-        out.update(image_size=getattr(net, "image_size", vit.image_size), patch_size=vit.patch_size,
-                   vit_hidden=vit.hidden_size, vit_layers=vit.num_hidden_layers, vit_heads=vit.num_attention_heads)
-    txt = getattr(getattr(net, "text_encoder", None), "config", None)
-    if txt is not None:
-        out.update(text_encoder=getattr(net, "text_source", "?"), text_hidden=txt.hidden_size,
-                   text_layers=txt.num_hidden_layers, freeze_text=getattr(net, "freeze_text", None))
-    if hasattr(net, "layers"):
-        out.update(fusion_layers=len(net.layers), fusion_dim=getattr(net, "fusion_dim", None),
-                   aligner=getattr(net, "aligner_type", None))
-    return out
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-
-
 def image_records(input_path: str, split: str = "test") -> list[dict]:
     """Records for inference from a folder of images (recursive), one image file, or a datalist JSON (+ split).
 
     Each record has ``image`` and ``index``; a datalist keeps its metadata too.
     """
     if not os.path.exists(input_path):
-        raise FileNotFoundError(f"inference input {input_path!r} does not exist: give a folder of PNG/JPEG/DICOM "
-                                f"files, one image file, or a datalist JSON with --input_path")
+        raise FileNotFoundError(
+            f"inference input {input_path!r} does not exist: give a folder of PNG/JPEG/DICOM "
+            f"files, one image file, or a datalist JSON with --input_path"
+        )
     if os.path.isfile(input_path) and input_path.lower().endswith(".json"):
         from bundle.data import datalist as dl
 
@@ -133,11 +156,8 @@ def image_records(input_path: str, split: str = "test") -> list[dict]:
 def save_run_config(output_dir: str) -> str:
     """Record what was executed (for MLflow): the command line with its overrides and a copy of every config file
     it names, in ``<output_dir>/run_config/``. Returns the folder."""
-    import json
-    import shutil
-    import sys
-
-    folder = ensure_dir(os.path.join(output_dir, "run_config"))
+    folder = os.path.join(output_dir, "run_config")
+    os.makedirs(folder, exist_ok=True)
     argv = list(sys.argv)
     files: list[str] = []
     for i, a in enumerate(argv[:-1]):
@@ -147,9 +167,5 @@ def save_run_config(output_dir: str) -> str:
             files += [n for n in names if os.path.isfile(n)]
     for f in files:
         shutil.copy2(f, os.path.join(folder, os.path.basename(f)))
-    tmp = os.path.join(folder, ".command.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"argv": argv, "cwd": os.getcwd(), "config_files": files}, fh, indent=1)
-    os.replace(tmp, os.path.join(folder, "command.json"))
+    write_json_atomic(os.path.join(folder, "command.json"), {"argv": argv, "cwd": os.getcwd(), "config_files": files})
     return folder
-
