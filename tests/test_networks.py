@@ -205,7 +205,12 @@ def test_pretrained_vit_from_local_directory_rgb_to_grey(tmp_path):
     torch.manual_seed(4)
     rgb = ViTModel(
         ViTConfig(
-            image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
             intermediate_size=64,
         ),
         add_pooling_layer=False,
@@ -285,7 +290,10 @@ def test_paper_preset_forward_backward_offline():
     net = build_aligner_vlm("paper")
     cfg = net.image_encoder.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size) == (
-        768, 12, 12, 3072,
+        768,
+        12,
+        12,
+        3072,
     )
     tcfg = net.text_encoder.config
     assert (tcfg.hidden_size, tcfg.num_hidden_layers, tcfg.num_attention_heads) == (768, 12, 12)

@@ -549,7 +549,7 @@ class _Checker:
                 split,
                 i,
                 "age",
-                f"value {rec['age']!r} is unparsable or outside [{AGE_MIN:g}, {AGE_MAX:g}]; " "counted as unknown",
+                f"value {rec['age']!r} is unparsable or outside [{AGE_MIN:g}, {AGE_MAX:g}]; counted as unknown",
                 'use a number of years or a DICOM age string like "045Y"',
                 "warning",
                 code="age_unknown",
