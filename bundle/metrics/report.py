@@ -543,7 +543,9 @@ def report_to_rows(report: Mapping) -> list[dict]:
 
 
 def _mlflow_name(*parts: str) -> str:
-    # MLflow allows alphanumerics, "_", "-", ".", "/" and spaces; anything else (and spaces) becomes "_"
+    # A hierarchical name ("class/attribute/metric"): each part keeps only alphanumerics, "_", "-" and ".".
+    # Stricter than bundle.utils.mlflow.sanitize_key on purpose: "/" separates the levels, so a part may not
+    # contain one, and spaces in class names would make names differ from the CSV/JSON report's keys.
     return "/".join(re.sub(r"[^A-Za-z0-9_\-.]+", "_", str(p)).strip("_") or "_" for p in parts)
 
 
