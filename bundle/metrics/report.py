@@ -545,7 +545,7 @@ def report_to_rows(report: Mapping) -> list[dict]:
 def _mlflow_name(*parts: str) -> str:
     # A hierarchical name ("class/attribute/metric"): each part keeps only alphanumerics, "_", "-" and ".".
     # Stricter than bundle.utils.mlflow.sanitize_key on purpose: "/" separates the levels, so a part may not
-    # contain one, and spaces in class names would make names differ from the CSV/JSON report's keys.
+    # contain one; spaces become "_" too, so that metric names stay single tokens in the MLflow UI and queries.
     return "/".join(re.sub(r"[^A-Za-z0-9_\-.]+", "_", str(p)).strip("_") or "_" for p in parts)
 
 
