@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import pickle
 import re
 from collections.abc import Mapping
 
@@ -49,7 +50,15 @@ class ResumeCheckpoint:
         files = self._files()
         if not self.resume or not files:
             return
-        ckpt = torch.load(files[-1], map_location="cpu", weights_only=False)
+        try:
+            # weights_only: a checkpoint holds tensors, numbers, strings and containers only; anything else in the
+            # pickle (a planted __reduce__ payload) is refused before it can run
+            ckpt = torch.load(files[-1], map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RuntimeError(
+                f"{files[-1]}: not a plain training checkpoint, refused (weights_only load: {str(e).splitlines()[0]}). "
+                f"Delete it, or start afresh with --resume false."
+            ) from None
         max_epochs = engine.state.max_epochs
         Checkpoint.load_objects(to_load=self._objects(), checkpoint=ckpt)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
