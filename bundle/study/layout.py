@@ -54,8 +54,9 @@ PARENT_LOCK = ".parent.lock"
 
 
 def write_record(path: str, obj) -> None:
-    """A study record (marker, setting.json, study_config.json, mlflow_parent.json): sorted keys, fsynced."""
-    write_json_atomic(path, obj, sort_keys=True, default=str, fsync=True)
+    """A study record (marker, setting.json, study_config.json, mlflow_parent.json): sorted keys, the zoo's JSON layout
+    (4-space indent, as its pretty-format-json hook wants), fsynced."""
+    write_json_atomic(path, obj, indent=4, sort_keys=True, default=str, fsync=True)
 
 
 def _fingerprint_key(cfg: StudyConfig, spec: RunSpec, datalist_file: str | None) -> dict:
