@@ -78,6 +78,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two gloo processes started with torch.multiprocessing (about a minute on 2 shared cores)
 def test_distributed_report_equals_single_process(tmp_path):
     single = _compute(list(range(N)))
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
