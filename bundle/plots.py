@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bundle.utils.atomic import save_figure_atomic  # noqa: E402
 
-__all__ = ["attention_overlays", "group_metric_plots"]
+__all__ = ["attention_overlays", "attention_overlay_original", "group_metric_plots"]
 
 
 def attention_overlays(
@@ -53,6 +53,58 @@ def attention_overlays(
         (title + "\n" if title else "") + "heat: model attention, green: human mask, +: attention peak", fontsize=9
     )
     return save_figure_atomic(path, fig)
+
+
+def attention_overlay_original(
+    image: np.ndarray,
+    maps,
+    classes: Sequence[str],
+    probs: Sequence[float],
+    peaks: Sequence[tuple[int, int]],
+    path: str,
+    alpha: float = 0.35,
+    text: Mapping[str, str] | None = None,
+) -> str:
+    """One PNG per image at the original geometry: one panel per finding, side by side, each exactly H x W.
+
+    ``image`` (H, W) grey in [0, 1] (display convention); ``maps`` (C, H, W) attention over the original pixels
+    (``bundle.inference.maps_to_original``), each shown min-max scaled with matplotlib's jet colour map; a white
+    cross marks ``peaks[c]`` (row, col); the panel's top-left corner names the finding and its probability.
+    Pixel (row, k * W + col) of the PNG is original pixel (row, col) of panel k. ``text`` goes into PNG tEXt chunks.
+    PIL composes and writes the pixels: a matplotlib figure cannot guarantee an exact pixel size (its canvas
+    size is figsize * dpi, truncated), and the overlay must match the original pixel for pixel.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+
+    from bundle.utils.atomic import atomic_path
+
+    grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+    h, w = grey.shape
+    maps = np.asarray(maps, dtype=np.float32)
+    jet = colormaps["jet"]
+    strip = Image.new("RGB", (w * len(classes), h))
+    font = ImageFont.load_default(size=max(10, h // 40))
+    arm, lw = max(3, min(h, w) // 40), max(1, min(h, w) // 200)
+    for k, name in enumerate(classes):
+        m = maps[k] - maps[k].min()
+        m = m / m.max() if m.max() > 0 else m
+        rgb = grey[..., None] * (1 - alpha) + jet(m)[..., :3].astype(np.float32) * alpha
+        panel = Image.fromarray((rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
+        draw = ImageDraw.Draw(panel)
+        r, c = (int(v) for v in peaks[k])
+        draw.line([(c - arm, r), (c + arm, r)], fill=(255, 255, 255), width=lw)
+        draw.line([(c, r - arm), (c, r + arm)], fill=(255, 255, 255), width=lw)
+        label = f"{name} p={float(probs[k]):.2f}"
+        draw.text((2, 2), label, fill=(255, 255, 255), font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+        strip.paste(panel, (k * w, 0))
+    info = PngImagePlugin.PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(str(key), str(value))
+    with atomic_path(path, suffix=".png") as tmp:
+        # zlib level 1: a third of the default level's time on a 3000 x 2500 radiograph, a few % larger
+        strip.save(tmp, format="PNG", pnginfo=info, compress_level=1)
+    return path
 
 
 def _ci(entry: Mapping, metric: str):

@@ -26,7 +26,6 @@ __all__ = [
     "save_run_config",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 def as_bool(value, name: str = "flag") -> bool:
@@ -126,10 +125,13 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def image_records(input_path: str, split: str = "test") -> list[dict]:
-    """Records for inference from a folder of images (recursive), one image file, or a datalist JSON (+ split).
+def image_records(input_path: str, split: str = "test", exclude: str | None = None) -> list[dict]:
+    """Records for inference from a folder (recursive), one file, or a datalist JSON (+ split).
 
-    Each record has ``image`` and ``index``; a datalist keeps its metadata too.
+    Each record has ``image`` and ``index``; a datalist keeps its metadata too. A folder gives *every* file under
+    it, whatever its name (DICOM files often have no extension), except hidden ones (``.*``) and those under
+    ``exclude`` (the output folder): :func:`bundle.inference.scan_inputs` then decides by content which are chest
+    radiographs and lists the others, with the reason, in ``skipped.csv``.
     """
     if not os.path.exists(input_path):
         raise FileNotFoundError(
@@ -142,15 +144,14 @@ def image_records(input_path: str, split: str = "test") -> list[dict]:
         return split_records(dl.load(input_path), split)
     if os.path.isfile(input_path):
         return with_index([{"image": os.path.abspath(input_path)}])
-    files = sorted(
-        os.path.join(root, f)
-        for root, _, names in os.walk(input_path)
-        for f in names
-        if f.lower().endswith(IMAGE_SUFFIXES)
-    )
+    skip = os.path.abspath(exclude) if exclude else None
+    files = []
+    for root, dirs, names in os.walk(input_path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.abspath(os.path.join(root, d)) != skip)
+        files += [os.path.join(root, f) for f in names if not f.startswith(".")]
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found under {input_path!r}")
-    return with_index([{"image": os.path.abspath(f)} for f in files])
+        raise FileNotFoundError(f"no files found under {input_path!r} (hidden files are not read)")
+    return with_index([{"image": os.path.abspath(f)} for f in sorted(files)])
 
 
 def save_run_config(output_dir: str) -> str:

@@ -1,77 +1,175 @@
-"""Inference results: ``predictions.csv`` (probabilities and attention peaks per image) and attention overlays."""
+"""Inference results: ``predictions.csv`` / ``predictions.json`` (probabilities and attention peaks per image, in the
+original image's pixels), ``skipped.csv``, attention overlays at the original geometry and the raw maps as NIfTI.
+
+docs/inference.md describes every file and column.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-from bundle.utils.atomic import write_text_atomic
+from bundle.utils.atomic import rows_to_csv, write_json_atomic, write_text_atomic
 from bundle.utils.dist import is_rank0
 
 logger = logging.getLogger("bundle")
 
 __all__ = ["InferenceWriter"]
 
+COORDINATES = (
+    "attn_peak_row / attn_peak_col: pixel indices in the original image (row 0 = top, col 0 = left; "
+    "height x width = orig_height x orig_width), not the letterboxed network input"
+)
+
 
 class InferenceWriter:
-    """Writes inference results: ``predictions.csv`` (one row per image: probabilities and the attention peak
-    per class) and, optionally, one attention-overlay PNG per image. Rank 0; files written atomically."""
+    """Writes, under ``output_dir``:
 
-    def __init__(self, output_dir: str, records: Sequence[Mapping], classes: Sequence[str], save_overlays: bool = True):
-        self.output_dir, self.records, self.classes = output_dir, list(records), list(classes)
-        self.save_overlays = save_overlays
-        self.rows: list[list] = []
+    - ``predictions.csv`` and ``predictions.json``: one entry per scored image (probability and attention peak
+      per class; peaks in original pixels);
+    - ``skipped.csv``: every input not scored, with the field and the reason: those of the header scan
+      (``skipped``, from :func:`bundle.inference.scan_inputs`) and the images that failed to decode (the
+      ``error`` of :class:`bundle.inference.SkipFailedDataset`'s items);
+    - ``overlays/<index>_<stem>.png`` (``save_overlays``): :func:`bundle.plots.attention_overlay_original`;
+    - ``maps/<index>_<stem>.nii.gz`` (``save_maps``): the raw attention maps (:func:`save_attention_nifti`).
+
+    Reads the letterbox geometry and the decode errors from the engine's batch (``engine.state.batch``). Rank 0;
+    every file written atomically.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        records: Sequence[Mapping],
+        classes: Sequence[str],
+        save_overlays: bool = True,
+        save_maps: bool = True,
+        skipped: Sequence[Mapping] = (),
+    ):
+        from bundle.workflow import as_bool
+
+        self.output_dir, self.classes = output_dir, list(classes)
+        self.records = {int(r.get("index", i)): r for i, r in enumerate(records)}
+        self.save_overlays = as_bool(save_overlays, "save_overlays")
+        self.save_maps = as_bool(save_maps, "save_maps")
+        self.scan_skipped = [dict(s) for s in skipped]
+        self.results: list[dict] = []
+        self.load_skipped: list[dict] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iter)
         engine.add_event_handler(Events.COMPLETED, self._done)
 
-    def _iter(self, engine: Engine) -> None:
-        from bundle.plots import attention_overlays
+    def _start(self, engine: Engine) -> None:
+        self.results.clear()
+        self.load_skipped.clear()
 
-        o = engine.state.output
-        probs, attn, image = o["pred"].cpu(), o["attn"].cpu(), o["image"].cpu()
-        size = image.shape[-2:]
-        up = F.interpolate(attn.float(), size=size, mode="bilinear", align_corners=False)
+    def _iter(self, engine: Engine) -> None:
+        from bundle.inference import attention_peaks, maps_to_original
+
+        o, batch = engine.state.output, engine.state.batch
+        probs, attn = o["pred"].detach().cpu(), o["attn"].detach().cpu()
+        letterbox = torch.as_tensor(batch["letterbox"]).cpu().numpy()
+        errors = batch.get("error") or [""] * len(probs)
         for b, idx in enumerate(o["index"].cpu().tolist()):
             path = self.records[idx]["image"]
-            row = [idx, path]
-            for c in range(len(self.classes)):
-                r, col = divmod(int(torch.argmax(up[b, c])), size[-1])
-                row += [f"{float(probs[b, c]):.6f}", r, col]
-            self.rows.append(row)
-            if self.save_overlays and is_rank0():
-                stem = os.path.splitext(os.path.basename(path))[0]
-                samples = [
-                    {
-                        "image": image[b, 0].numpy(),
-                        "attn": attn[b, c].numpy(),
-                        "mask": np.zeros(tuple(size)),
-                        "class_index": c,
-                        "score": float(probs[b, c]),
+            if errors[b]:
+                field = "PixelData" if "pixel data" in errors[b].lower() else "file"
+                self.load_skipped.append({"file": path, "stage": "load", "field": field, "reason": errors[b]})
+                logger.warning(f"inference: skipped {path}: {errors[b]}")
+                continue
+            lb = letterbox[b]
+            maps = maps_to_original(attn[b], lb)  # (C, H, W) over the original pixels
+            peaks = attention_peaks(maps)
+            h, w = int(lb[3]), int(lb[4])
+            res = {
+                "index": idx,
+                "image": path,
+                "orig_height": h,
+                "orig_width": w,
+                "findings": {
+                    c: {
+                        "prob": round(float(probs[b, k]), 6),
+                        "attn_peak_row": peaks[k][0],
+                        "attn_peak_col": peaks[k][1],
                     }
-                    for c in range(len(self.classes))
-                ]
-                out = os.path.join(self.output_dir, "overlays", f"{idx:05d}_{stem}.png")
-                attention_overlays(samples, self.classes, out, title=os.path.basename(path), ncols=len(self.classes))
+                    for k, c in enumerate(self.classes)
+                },
+                "overlay": None,
+                "attention_map": None,
+            }
+            if is_rank0():
+                stem = f"{idx:05d}_{os.path.splitext(os.path.basename(path))[0]}"
+                if self.save_maps:
+                    res["attention_map"] = self._save_map(stem, attn[b], lb)
+                if self.save_overlays:
+                    res["overlay"] = self._save_overlay(stem, path, maps, probs[b], peaks)
+            self.results.append(res)
+
+    def _save_map(self, stem: str, attn, lb) -> str:
+        from bundle.inference import save_attention_nifti
+
+        rel = os.path.join("maps", f"{stem}.nii.gz")
+        save_attention_nifti(os.path.join(self.output_dir, rel), attn.numpy(), lb, self.classes)
+        return rel
+
+    def _save_overlay(self, stem: str, path: str, maps, probs, peaks) -> str | None:
+        from bundle.plots import attention_overlay_original
+        from bundle.transforms import load_cxr
+
+        rel = os.path.join("overlays", f"{stem}.png")
+        try:
+            grey = load_cxr(path)  # full resolution, the model's display convention
+        except Exception as e:  # it decoded a moment ago at the network's size; do not lose the scores over a picture
+            logger.warning(f"inference: no overlay for {path}: {e}")
+            return None
+        text = {
+            "Source": path,
+            "Description": "panels left to right: " + ", ".join(self.classes) + "; + = attention peak",
+            "Peaks": "; ".join(f"{c}: row {r}, col {col}" for c, (r, col) in zip(self.classes, peaks, strict=True)),
+        }
+        attention_overlay_original(
+            grey, maps.numpy(), self.classes, probs.tolist(), peaks, os.path.join(self.output_dir, rel), text=text
+        )
+        return rel
 
     def _done(self, engine: Engine) -> None:
+        from bundle.inference import write_skipped
+
         if not is_rank0():
             return
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        head = [f"{k}_{c}" for c in self.classes for k in ("prob", "attn_peak_row", "attn_peak_col")]
-        w.writerow(["index", "image"] + head)
-        w.writerows(sorted(self.rows, key=lambda r: r[0]))
+        results = sorted(self.results, key=lambda r: r["index"])
+        skipped = self.scan_skipped + self.load_skipped
+        rows = []
+        for r in results:
+            row = {"index": r["index"], "image": r["image"]}
+            for c in self.classes:
+                f = r["findings"][c]
+                row.update({f"prob_{c}": f"{f['prob']:.6f}", f"attn_peak_row_{c}": f["attn_peak_row"]})
+                row[f"attn_peak_col_{c}"] = f["attn_peak_col"]
+            row.update({"orig_height": r["orig_height"], "orig_width": r["orig_width"]})
+            rows.append(row)
         path = os.path.join(self.output_dir, "predictions.csv")
-        write_text_atomic(path, buf.getvalue())
-        logger.info(f"inference: {len(self.rows)} images -> {path}")
+        write_text_atomic(path, rows_to_csv(rows) if rows else self._empty_header())
+        write_json_atomic(
+            os.path.join(self.output_dir, "predictions.json"),
+            {
+                "classes": self.classes,
+                "coordinates": COORDINATES,
+                "n_images": len(results),
+                "n_skipped": len(skipped),
+                "images": results,
+                "skipped": skipped,
+            },
+        )
+        write_skipped(os.path.join(self.output_dir, "skipped.csv"), skipped)
+        logger.info(f"inference: {len(results)} images -> {path}; {len(skipped)} files skipped (skipped.csv)")
+
+    def _empty_header(self) -> str:
+        head = [f"{k}_{c}" for c in self.classes for k in ("prob", "attn_peak_row", "attn_peak_col")]
+        return ",".join(["index", "image", *head, "orig_height", "orig_width"]) + "\r\n"
