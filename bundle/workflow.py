@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 
-
 def as_bool(value, name: str = "flag") -> bool:
     """A command-line flag as a bool: fire passes ``--x false`` as the *string* "false", which is truthy."""
     if isinstance(value, bool):
