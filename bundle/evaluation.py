@@ -39,14 +39,23 @@ __all__ = ["collect_split", "evaluate", "load_checkpoint"]
 
 
 def load_checkpoint(network: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:
-    """Load a state_dict (models/model.pt) into the network, with an error that says what to do."""
+    """Load a state_dict (models/model.pt) into the network, with an error that says what to do.
+
+    On a mismatch, ``bundle.networks.CheckpointConfigError`` (a RuntimeError) names the sizes that differ: the ones
+    in the checkpoint's architecture sidecar (models/model.json) when there is one, else those read off its shapes.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"checkpoint {path!r} not found: train first (python -m monai.bundle run training --config_file "
             f"configs/train.yaml) or pass --ckpt_path /path/to/model.pt"
         )
+    from bundle.networks import CheckpointConfigError, mismatch_message
+
     state = torch.load(path, map_location="cpu", weights_only=True)
-    unwrap(network).load_state_dict(state, strict=strict)
+    try:
+        unwrap(network).load_state_dict(state, strict=strict)
+    except RuntimeError as e:  # size mismatch / missing keys: say which sizes differ and how to fix it
+        raise CheckpointConfigError(mismatch_message(path, unwrap(network), e, state)) from None
     return network
 
 

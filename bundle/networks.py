@@ -13,7 +13,10 @@ See docs/model.md for shapes, presets and how to plug in Med-KEBERT or a pretrai
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
+import math
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -22,6 +25,7 @@ from torch import nn
 from transformers import ViTConfig, ViTModel
 
 from bundle.text import build_text_encoder, encode_prompts, pool_text, tokenize_prompts
+from bundle.utils.atomic import read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -436,6 +440,13 @@ class AlignerVLM(nn.Module):
         if image.ndim != 4:
             raise ValueError(f"AlignerVLM expects images (B, {self.in_channels}, H, W), got shape {tuple(image.shape)}")
         size = tuple(image.shape[-2:])
+        if torch.jit.is_tracing() and size != (self.image_size, self.image_size):
+            # a traced graph keeps the example's size (interpolated position embeddings baked in): refuse a wrong one
+            raise ValueError(
+                f"tracing AlignerVLM on {size[0]} x {size[1]} images, but it was trained at image_size="
+                f"{self.image_size}: trace with input_shape [1, {self.in_channels}, {self.image_size}, "
+                f"{self.image_size}] (ckpt_export --input_shape; models/model.json has the size)"
+            )
         vcfg = self.image_encoder.config
         interpolate = size != (vcfg.image_size, vcfg.image_size)
         out = self.image_encoder(pixel_values=image, interpolate_pos_encoding=interpolate)
@@ -504,3 +515,354 @@ def build_aligner_vlm(preset: str = "demo", inference: bool = False, **overrides
     kwargs = copy.deepcopy(PRESETS[preset])
     kwargs.update(overrides)
     return (AlignerVLMInference if inference else AlignerVLM)(**kwargs)
+
+
+# ------------------------------------------------------------------------------------ architecture with the weights
+# models/model.pt stays a plain state_dict (the MONAI bundle spec); the architecture it was trained with is recorded
+# beside it in a JSON sidecar (models/model.json), written by BestModelSaver at the same moment. Inference,
+# evaluation, export and Deploy rebuild the network from it (build_from_checkpoint) instead of command-line flags.
+CONFIG_FORMAT = "bundle.networks.AlignerVLM/1"
+# The sizes named in error messages (the ones a user would otherwise repeat on the command line).
+SIZE_KEYS = (
+    "image_size",
+    "patch_size",
+    "in_channels",
+    "vit_hidden",
+    "vit_layers",
+    "vit_heads",
+    "vit_mlp",
+    "text_encoder",
+    "text_hidden",
+    "text_layers",
+    "text_heads",
+    "text_intermediate",
+    "text_pooling",
+    "fusion_layers",
+    "fusion_dim",
+    "fusion_heads",
+    "fusion_ffn",
+    "aligner",
+    "classifier",
+    "classes",
+)
+_BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class CheckpointConfigError(RuntimeError):
+    """A checkpoint and its architecture sidecar (or the network it is loaded into) do not go together.
+
+    A RuntimeError, as ``load_state_dict``'s own size-mismatch error, so callers that caught that still catch it.
+    """
+
+
+def network_config(net: nn.Module) -> dict:
+    """The AlignerVLM constructor kwargs that rebuild ``net``'s architecture (read from the built modules).
+
+    ``return_probs`` is left out (``build_from_checkpoint(inference=...)`` chooses it). A pretrained ViT is recorded
+    by its sizes (``vit_pretrained=None``): its weights are in the state_dict. A random text encoder (also one built
+    as a fallback) is recorded as ``random-small`` / ``random-base`` with its sizes, so it is rebuilt offline; a local
+    folder or a cached hub id is kept as given (it is needed for the tokenizer; nothing is ever downloaded).
+    """
+    net = getattr(net, "module", net)  # DDP / DataParallel
+    if not isinstance(net, AlignerVLM):
+        raise TypeError(f"network_config needs an AlignerVLM, got {type(net).__name__}")
+    vcfg, tcfg = net.image_encoder.config, net.text_encoder.config
+    layer = net.layers[0]
+    source = str(net.text_source)
+    if source.startswith("random-"):
+        text_encoder = source.split(" ", 1)[0]
+        text = {
+            "text_hidden": int(tcfg.hidden_size),
+            "text_layers": int(tcfg.num_hidden_layers),
+            "text_heads": int(tcfg.num_attention_heads),
+            "text_intermediate": int(tcfg.intermediate_size),
+        }
+    else:
+        text_encoder, text = source, {"text_hidden": None, "text_layers": None, "text_heads": None}
+        text["text_intermediate"] = None
+    return {
+        "classes": list(net.classes),
+        "prompts": list(net.prompts),
+        "image_size": int(net.image_size),
+        "patch_size": int(net.patch_size),
+        "in_channels": int(net.in_channels),
+        "vit_hidden": int(vcfg.hidden_size),
+        "vit_layers": int(vcfg.num_hidden_layers),
+        "vit_heads": int(vcfg.num_attention_heads),
+        "vit_mlp": int(vcfg.intermediate_size),
+        "vit_dropout": float(vcfg.hidden_dropout_prob),
+        "vit_pretrained": None,
+        "text_encoder": text_encoder,
+        "text_fallback": None,
+        **text,
+        "text_pooling": net.text_pooling,
+        "freeze_text": bool(net.freeze_text),
+        "fusion_layers": len(net.layers),
+        "fusion_heads": int(layer.cross_attn.num_heads),
+        "fusion_ffn": int(layer.ffn[0].out_features),
+        "fusion_dim": int(net.fusion_dim),
+        "dropout": float(layer.drop1.p),
+        "fusion_init_std": None,  # the initialisation does not matter once the trained weights are loaded
+        "aligner": net.aligner_type,
+        "classifier": net.classifier_type,
+    }
+
+
+def config_path_for(ckpt_path: str | os.PathLike) -> str:
+    """The architecture sidecar of a checkpoint: ``models/model.pt`` -> ``models/model.json``."""
+    return os.path.splitext(os.fspath(ckpt_path))[0] + ".json"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_version() -> str:
+    meta = read_json(os.path.join(_BUNDLE_ROOT, "configs", "metadata.json")) or {}
+    return str(meta.get("version", "unknown"))
+
+
+def write_network_config(ckpt_path: str | os.PathLike, net: nn.Module, config_path: str | None = None) -> str:
+    """Write the sidecar of the (already written) checkpoint ``ckpt_path`` atomically; returns its path.
+
+    Contents: ``format``, ``network`` (the class), ``kwargs`` (network_config), ``bundle_version``, ``model_file``
+    and ``model_sha256`` (so that a sidecar left beside a replaced model.pt is detected), torch/transformers versions.
+    """
+    import transformers
+
+    path = config_path or config_path_for(ckpt_path)
+    record = {
+        "format": CONFIG_FORMAT,
+        "network": "bundle.networks.AlignerVLM",
+        "kwargs": network_config(net),
+        "bundle_version": bundle_version(),
+        "model_file": os.path.basename(os.fspath(ckpt_path)),
+        "model_sha256": file_sha256(ckpt_path),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    return write_json_atomic(path, record)
+
+
+def _fix_hint(ckpt_path: str) -> str:
+    return (
+        "retrain (BestModelSaver writes both files), or write the sidecar for this checkpoint from the config it was "
+        f"trained with: python scripts/export.py --ckpt_file {ckpt_path} --write_config --config_file "
+        "configs/train.yaml [--image_size S --network_def#vit_layers L ...]"
+    )
+
+
+def read_network_config(ckpt_path: str | os.PathLike, check: bool = True) -> dict | None:
+    """The sidecar of ``ckpt_path`` (dict), or None when there is none. With ``check``, raise
+    CheckpointConfigError when it is unreadable, of another format, or was written for other weights (sha256)."""
+    ckpt_path = os.fspath(ckpt_path)
+    path = config_path_for(ckpt_path)
+    if not os.path.exists(path):
+        return None
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get("format") != CONFIG_FORMAT or "kwargs" not in record:
+        raise CheckpointConfigError(
+            f"{path} is not an architecture sidecar of format {CONFIG_FORMAT!r}: delete it or {_fix_hint(ckpt_path)}"
+        )
+    if check and os.path.isfile(ckpt_path) and record.get("model_sha256") != file_sha256(ckpt_path):
+        raise CheckpointConfigError(
+            f"{path} is stale: it was written for another {record.get('model_file', 'model.pt')} (sha256 "
+            f"{str(record.get('model_sha256'))[:12]}... != {file_sha256(ckpt_path)[:12]}... of {ckpt_path}). "
+            f"Copy the two files together; or delete it and {_fix_hint(ckpt_path)}"
+        )
+    return record
+
+
+def describe_sizes(kwargs: Mapping, keys: Sequence[str] | None = None) -> str:
+    """``"image_size=128, vit_layers=6"``: the SIZE_KEYS of ``kwargs`` (or ``keys``) that it has."""
+    keys = SIZE_KEYS if keys is None else keys
+    return ", ".join(f"{k}={kwargs[k]}" for k in keys if k in kwargs)
+
+
+def config_differences(trained: Mapping, built: Mapping) -> list[str]:
+    """The SIZE_KEYS whose values differ between two kwargs dicts (missing keys are skipped)."""
+    diff = []
+    for k in SIZE_KEYS:
+        if k in trained and k in built:
+            a, b = trained[k], built[k]
+            if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+                a, b = list(a or []), list(b or [])
+            if a != b:
+                diff.append(k)
+    return diff
+
+
+def _state_dict_of(ckpt_path: str) -> dict:
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):  # a CheckpointSaver dict
+        state = state["model"]
+    return state
+
+
+def infer_sizes(state: Mapping[str, torch.Tensor]) -> dict:
+    """Sizes that can be read off an AlignerVLM state_dict's shapes (no heads): for error messages."""
+    out: dict = {}
+    proj = state.get("image_encoder.embeddings.patch_embeddings.projection.weight")
+    pos = state.get("image_encoder.embeddings.position_embeddings")
+    if proj is not None:
+        out["patch_size"], out["in_channels"], out["vit_hidden"] = (
+            int(proj.shape[-1]),
+            int(proj.shape[1]),
+            int(proj.shape[0]),
+        )
+        if pos is not None:
+            side = int(round(math.sqrt(pos.shape[1] - 1)))
+            out["image_size"] = side * out["patch_size"]
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".", 1)[0] for k in state if k.startswith(prefix)})
+
+    # transformers 5 names the ViT blocks image_encoder.layers.<i> (mlp.fc1); older ones encoder.layer.<i>
+    out["vit_layers"] = count("image_encoder.layers.") or count("image_encoder.encoder.layer.")
+    mlp = state.get(
+        "image_encoder.layers.0.mlp.fc1.weight", state.get("image_encoder.encoder.layer.0.intermediate.dense.weight")
+    )
+    if mlp is not None:
+        out["vit_mlp"] = int(mlp.shape[0])
+    word = state.get("text_encoder.embeddings.word_embeddings.weight")
+    if word is not None:
+        out["text_hidden"] = int(word.shape[1])
+    out["text_layers"] = count("text_encoder.encoder.layer.")
+    inter = state.get("text_encoder.encoder.layer.0.intermediate.dense.weight")
+    if inter is not None:
+        out["text_intermediate"] = int(inter.shape[0])
+    out["fusion_layers"] = count("layers.")
+    norm = state.get("decoder_norm.weight")
+    if norm is not None:
+        out["fusion_dim"] = int(norm.shape[0])
+    ffn = state.get("layers.0.ffn.0.weight")
+    if ffn is not None:
+        out["fusion_ffn"] = int(ffn.shape[0])
+    return {k: v for k, v in out.items() if v}
+
+
+def mismatch_message(ckpt_path: str, net: nn.Module, error: BaseException, state: Mapping | None = None) -> str:
+    """Why ``ckpt_path`` does not load into ``net``, naming the sizes it was trained with and the fix."""
+    ckpt_path = os.fspath(ckpt_path)
+    sidecar = config_path_for(ckpt_path)
+    detail = " ".join(line.strip() for line in str(error).splitlines()[1:3])[:300]
+    try:
+        built = network_config(net)
+    except TypeError:
+        built = {}
+    try:
+        record = read_network_config(ckpt_path, check=False)
+    except CheckpointConfigError:
+        record = None
+    if record is not None:
+        trained, where = record["kwargs"], sidecar
+        diff = config_differences(trained, built) if built else []
+    else:
+        trained, where = (infer_sizes(state) if state is not None else {}), "its tensor shapes (no sidecar)"
+        diff = config_differences(trained, built) if built else []
+    if diff:
+        sizes = (
+            f": {ckpt_path} was trained with {describe_sizes(trained, diff)} (from {where}); this network has "
+            f"{describe_sizes(built, diff)}"
+        )
+        flags = " ".join(f"--network_def#{k} {trained[k]}" for k in diff if k not in ("classes", "image_size"))
+        flags = (f"--image_size {trained['image_size']} " if "image_size" in diff else "") + flags
+    else:
+        sizes, flags = "", "--image_size S --network_def#vit_layers L ..."
+    fix = (
+        "build the network from the checkpoint (network_def: _target_: bundle.networks.build_from_checkpoint, "
+        f"ckpt_path: ...), or pass the sizes it was trained with ({flags.strip()})"
+    )
+    return f"{ckpt_path} does not fit the network{sizes}. Fix: {fix}. ({detail})"
+
+
+def build_from_checkpoint(
+    ckpt_path: str | os.PathLike,
+    inference: bool = False,
+    device: str | torch.device | None = None,
+    load_weights: bool = True,
+    **fallback,
+) -> AlignerVLM:
+    """The network ``ckpt_path`` (a plain state_dict) was trained as, with its weights, in eval mode.
+
+    The architecture comes from the sidecar (``config_path_for(ckpt_path)``, written by BestModelSaver). ``fallback``
+    are AlignerVLM kwargs (a config's network_def sizes) used, with a log line, when there is no checkpoint yet
+    (the untrained demo network: ``verify_net_in_out``) or a checkpoint without sidecar (trained before sidecars
+    existed). Raises CheckpointConfigError naming the files and the fix when the sidecar is stale or missing (and no
+    fallback is given) or the weights do not fit; FileNotFoundError when there is neither checkpoint nor fallback.
+    ``inference``: an AlignerVLMInference (forward returns probabilities (B, C)).
+    """
+    ckpt_path = os.fspath(ckpt_path)
+    fallback.pop("return_probs", None)
+    cls = AlignerVLMInference if inference else AlignerVLM
+    if not os.path.isfile(ckpt_path):
+        if not fallback:
+            raise FileNotFoundError(
+                f"checkpoint {ckpt_path!r} not found: train first (python -m monai.bundle run training "
+                "--config_file configs/train.yaml) or pass --ckpt_path /path/to/model.pt"
+            )
+        logger.info(
+            "no checkpoint at %s: building the config's network (%s), untrained", ckpt_path, describe_sizes(fallback)
+        )
+        net = cls(**fallback)
+        return net.to(device) if device is not None else net
+    record = read_network_config(ckpt_path, check=True)
+    if record is not None:
+        kwargs = dict(record["kwargs"])
+        kwargs.pop("return_probs", None)
+        diff = config_differences(kwargs, fallback) if fallback else []
+        if diff:
+            logger.info(
+                "%s: building the network it was trained with (%s, from %s); the config's %s are not used",
+                ckpt_path,
+                describe_sizes(kwargs, diff),
+                config_path_for(ckpt_path),
+                describe_sizes(fallback, diff),
+            )
+    elif fallback:
+        logger.warning(
+            "%s has no architecture sidecar %s: building the config's network (%s); %s",
+            ckpt_path,
+            config_path_for(ckpt_path),
+            describe_sizes(fallback),
+            "retrain or write the sidecar (python scripts/export.py --write_config) to stop depending on flags",
+        )
+        kwargs = dict(fallback)
+    else:
+        raise CheckpointConfigError(
+            f"{ckpt_path} has no architecture sidecar {config_path_for(ckpt_path)}, so the network it was trained as "
+            f"is unknown: {_fix_hint(ckpt_path)}"
+        )
+    net = cls(**kwargs)
+    if load_weights:
+        state = _state_dict_of(ckpt_path)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointConfigError(mismatch_message(ckpt_path, net, e, state)) from None
+    net = net.eval()
+    return net.to(device) if device is not None else net
+
+
+def checkpoint_setting(ckpt_path: str | os.PathLike, key: str, default=None):
+    """The constructor argument ``key`` (e.g. "image_size", "classes") ``ckpt_path`` was trained with (its sidecar),
+    else ``default`` (with a log line). For the config values that must follow the model, e.g. inference.yaml's
+    ``image_size: "$bundle.networks.checkpoint_setting(@ckpt_path, 'image_size', 96)"``."""
+    ckpt_path = os.fspath(ckpt_path)
+    record = read_network_config(ckpt_path, check=False) if os.path.isfile(ckpt_path) else None
+    if record is not None and key in record["kwargs"]:
+        return record["kwargs"][key]
+    if default is None:
+        raise CheckpointConfigError(f"{ckpt_path}: no architecture sidecar to read {key!r} from; pass it")
+    logger.info("%s: no architecture sidecar, %s=%s from the config", ckpt_path, key, default)
+    return default
+
+
+def checkpoint_image_size(ckpt_path: str | os.PathLike, default: int | None = None) -> int:
+    """The image size ``ckpt_path`` was trained at (its sidecar), else ``default``: the preprocessing size of the
+    inference/evaluation configs (``image_size: "$bundle.networks.checkpoint_image_size(@ckpt_path, 96)"``)."""
+    return int(checkpoint_setting(ckpt_path, "image_size", default))

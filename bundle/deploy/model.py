@@ -63,6 +63,7 @@ def load_parser(spec: ModelSpec):
     parser = ConfigParser()
     parser.read_config(list(spec.config_files))
     parser["bundle_root"] = BUNDLE_ROOT
+    parser["ckpt_path"] = spec.model_path  # network_def reads the architecture from this checkpoint's model.json
     for key, value in spec.overrides:
         parser[key] = value
     return parser
