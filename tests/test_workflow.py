@@ -51,8 +51,11 @@ def _items(config, prefix=""):
 
 
 def _network_kwargs(parser) -> dict:
-    """network_def's constructor arguments as configured (image_size resolved), without _target_, classes and the checkpoint arguments."""
-    kwargs = {k: v for k, v in parser["network_def"].items() if k not in ("_target_", "classes", "ckpt_path", "inference")}
+    """network_def's constructor arguments as configured (image_size resolved), without _target_, classes and the
+    checkpoint arguments."""
+    kwargs = {
+        k: v for k, v in parser["network_def"].items() if k not in ("_target_", "classes", "ckpt_path", "inference")
+    }
     kwargs["image_size"] = parser.get_parsed_content("image_size")
     return kwargs
 
