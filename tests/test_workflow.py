@@ -103,7 +103,7 @@ def test_configs_declare_short_expressions_and_the_key_metric_once():
 
     # evaluate.yaml overrides the final evaluation key by key instead of repeating it
     ev = _parser(MERGES["evaluate"])
-    assert ev["evaluating"] == ["@final_report"]
+    assert ev["evaluating"][-1] == "@final_report" and len(ev["evaluating"]) == 2  # set_determinism, then the report
     assert ev["final_report#mlflow_logger"] == "@mlflow_eval" and ev["final_report#ckpt_path"] == "@ckpt_path"
 
 
@@ -199,6 +199,7 @@ def test_train_two_epochs_checkpoint_mlflow_report_and_resume(tiny_datalist, tin
         assert key in run.data.metrics, key
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"model.pt", "evaluation", "command.json", "train.yaml"} <= arts  # checkpoint, reports, executed config
+    assert "model/MLmodel" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}  # the pyfunc model
 
     report_dir = tmp_path / "eval" / "report" / "test_ood"
     for f in (
