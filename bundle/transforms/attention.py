@@ -7,12 +7,17 @@ Coordinates are continuous (pixel i covers [i, i+1), so a box [x0, x1) covers co
 still mark the pixel holding their centre, so tiny nodules do not vanish at low resolution.
 Raster inputs (rle, mask) are decoded at native size and area-resized with the image's own content size, then
 thresholded at 0.5.
+Hostile entries are refused before any allocation: an RLE's declared size, its frame and a mask file's header size
+must not exceed ``max_pixels`` (default :data:`bundle.data.datalist.MAX_PIXELS`), and mask paths must be regular
+files (no device files or FIFOs).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import stat
+import warnings
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -22,7 +27,7 @@ from monai.transforms import Transform
 from bundle.data import datalist as _dl
 
 from .geometry import letterbox_params
-from .io import content_size
+from .io import MAX_PIXELS, content_size
 
 __all__ = ["AttentionError", "ATTENTION_TYPES", "rasterize_attention", "RasterizeAttentiond"]
 
@@ -114,17 +119,39 @@ def _place_raster(out, m: np.ndarray, image_hw, lb, size) -> None:
     out[top : top + nh, left : left + nw] |= res
 
 
-def _load_mask_file(path: str, base_dir) -> np.ndarray:
+def _check_pixels(h: int, w: int, max_pixels: int | None, what: str) -> None:
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    if h < 1 or w < 1:
+        raise ValueError(f"{what} declares an empty size {h}x{w}")
+    if h * w > limit:
+        raise ValueError(
+            f"{what} declares {h}x{w} = {h * w} pixels, over the limit max_pixels={limit} (refused before decoding; "
+            "a damaged or hostile entry? if genuine, raise max_pixels)"
+        )
+
+
+def _load_mask_file(path: str, base_dir, max_pixels: int | None = None) -> np.ndarray:
     full = path if os.path.isabs(path) or base_dir is None else os.path.join(os.fspath(base_dir), path)
-    if not os.path.exists(full):
-        raise FileNotFoundError(f"mask file {full!r} does not exist (set base_dir or use an absolute path)")
+    try:
+        st = os.stat(full)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"mask file {full!r} does not exist (set base_dir or use an absolute path)") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"mask path {full!r} is not a regular file (device, FIFO or directory); refused")
     if full.lower().endswith(".npy"):
-        m = np.load(full, allow_pickle=False)
+        m = np.load(full, mmap_mode="r", allow_pickle=False)  # header first: the size is checked before reading
+        hw = m.shape[:2] if m.ndim == 3 and m.shape[-1] in (2, 3, 4) else m.shape[-2:]
+        if m.ndim in (2, 3):
+            _check_pixels(int(hw[0]), int(hw[1]), max_pixels, f"mask file {full!r}")
+        m = np.asarray(m)
     else:
         from PIL import Image
 
-        with Image.open(full) as im:
-            m = np.asarray(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(full) as im:  # lazy: only the header is read here
+                _check_pixels(int(im.size[1]), int(im.size[0]), max_pixels, f"mask file {full!r}")
+                m = np.asarray(im)
     m = np.asarray(m)
     if m.ndim == 3:
         m = m.any(axis=-1) if m.shape[-1] in (2, 3, 4) else m.squeeze(0)
@@ -133,11 +160,26 @@ def _load_mask_file(path: str, base_dir) -> np.ndarray:
     return m != 0
 
 
-def _decode_rle(coords) -> np.ndarray:
+def _decode_rle(coords, max_pixels: int | None = None) -> np.ndarray:
     from pycocotools import mask as mask_utils
 
-    h, w = (int(v) for v in coords["size"])
+    if not isinstance(coords, Mapping):
+        raise ValueError(f"rle coords must be {{'size': [h, w], 'counts': ...}}, got {type(coords).__name__}")
+    size = coords["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2):
+        raise ValueError(f"rle size must be [height, width], got {size!r}")
+    h, w = (int(v) for v in size)
+    _check_pixels(h, w, max_pixels, "the RLE size")  # before pycocotools allocates h * w bytes
     counts = coords["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts) or sum(counts) != h * w:
+            raise ValueError(f"uncompressed rle counts must be non-negative integers summing to h*w={h * w}")
+    elif not isinstance(counts, (str, bytes)) or not counts:
+        raise ValueError(f"rle counts must be a non-empty string or a list, got {type(counts).__name__}")
+    else:
+        runs = _dl.coco_rle_counts(counts.decode("latin-1") if isinstance(counts, bytes) else counts)
+        if runs is None or sum(runs) != h * w:  # checked here: pycocotools would read past a malformed string
+            raise ValueError(f"compressed rle counts are malformed or do not sum to h*w={h * w}")
     if isinstance(counts, list):  # uncompressed COCO RLE
         rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     else:
@@ -145,18 +187,23 @@ def _decode_rle(coords) -> np.ndarray:
     return mask_utils.decode(rle).astype(bool)
 
 
-def _rasterize_one(entry, typ, image_hw, lb, size, base_dir) -> np.ndarray:
+def _rasterize_one(entry, typ, image_hw, lb, size, base_dir, max_pixels=None) -> np.ndarray:
     out = np.zeros((size, size), bool)
     coords = entry.get("coords")
+    if typ in ("rle", "mask") and entry.get("frame") is not None:
+        fw, fh = _frame(entry, image_hw)
+        if not (math.isfinite(fw) and math.isfinite(fh)):
+            raise ValueError(f"frame must be finite, got {entry.get('frame')!r}")
+        _check_pixels(int(fh), int(fw), max_pixels, "the frame")
     if typ == "rle":
-        m = _decode_rle(coords)
+        m = _decode_rle(coords, max_pixels)
         _place_raster(out, m, image_hw, lb, size)
         return out
     if typ == "mask":
         p = entry.get("path") or (coords if isinstance(coords, str) else None)
         if not p:
             raise ValueError("type 'mask' needs 'path' (a PNG or NPY file)")
-        _place_raster(out, _load_mask_file(p, base_dir), image_hw, lb, size)
+        _place_raster(out, _load_mask_file(p, base_dir, max_pixels), image_hw, lb, size)
         return out
     fw, fh = _frame(entry, image_hw)
     norm = bool(entry.get("normalized", False))
@@ -210,6 +257,7 @@ def rasterize_attention(
     size: int | None = None,
     base_dir=None,
     source: str | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rasterise attention entries into float32 masks (C, size, size) in {0, 1} and availability (C,).
 
@@ -221,6 +269,8 @@ def rasterize_attention(
         size: final side S (inferred from the letterbox when None).
         base_dir: directory for relative mask file paths.
         source: name used in error messages (the record's image path).
+        max_pixels: limit on an RLE's declared size, its frame and a mask file's header size, checked before
+            decoding (default :data:`MAX_PIXELS`).
     """
     classes = list(classes)
     h, w = (int(v) for v in image_hw)
@@ -248,7 +298,7 @@ def rasterize_attention(
                 f"{where}: attention[{i}] has unknown class {cls!r}; known classes: {classes}. "
                 "Rename it in the datalist or drop the entry"
             )
-        if typ not in ATTENTION_TYPES:
+        if not isinstance(typ, str) or typ not in ATTENTION_TYPES:
             raise AttentionError(
                 f"{where}: attention[{i}] ({cls}) has unknown type {typ!r}; " f"supported: {list(ATTENTION_TYPES)}"
             )
@@ -258,8 +308,8 @@ def rasterize_attention(
                 f"-> fix: {_dl.FRAME_FIX}"
             )
         try:
-            m = _rasterize_one(e, typ, (h, w), lb, size, base_dir)
-        except (ValueError, TypeError, KeyError, IndexError, OSError) as ex:
+            m = _rasterize_one(e, typ, (h, w), lb, size, base_dir, max_pixels)
+        except (ValueError, TypeError, KeyError, IndexError, OSError, OverflowError, MemoryError) as ex:
             raise AttentionError(
                 f"{where}: attention[{i}] ({cls}, {typ}) could not be rasterised: {ex}. "
                 "Fix the entry's coords/frame/path in the datalist"
@@ -284,7 +334,8 @@ class RasterizeAttentiond(Transform):
     """Add ``d[out_key]`` float32 (C, S, S) in {0, 1} and ``d[avail_key]`` float32 (C,) from ``d[attention_key]``.
 
     Needs ``d["letterbox"]`` (put it after Letterboxd) and ``d["orig_size"]``. Records without attention get zeros.
-    Masks are numpy arrays (the collate turns them into tensors).
+    Masks are numpy arrays (the collate turns them into tensors). ``max_pixels`` limits RLE / frame / mask file
+    sizes before decoding (default :data:`MAX_PIXELS`; a config sets it with the ``max_pixels`` key).
     """
 
     def __init__(
@@ -296,6 +347,7 @@ class RasterizeAttentiond(Transform):
         avail_key: str = "attn_available",
         base_dir=None,
         image_key: str = "image",
+        max_pixels: int | None = None,
     ) -> None:
         self.classes = list(classes)
         if not self.classes:
@@ -304,6 +356,7 @@ class RasterizeAttentiond(Transform):
         self.attention_key, self.out_key, self.avail_key = attention_key, out_key, avail_key
         self.base_dir = None if base_dir is None else os.fspath(base_dir)
         self.image_key = image_key
+        self.max_pixels = max_pixels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -322,6 +375,13 @@ class RasterizeAttentiond(Transform):
         orig = d.get("orig_size")
         image_hw = (int(lb[3]), int(lb[4])) if orig is None else tuple(int(v) for v in orig)
         d[self.out_key], d[self.avail_key] = rasterize_attention(
-            entries, self.classes, image_hw, lb, self.size, base_dir=self.base_dir, source=source
+            entries,
+            self.classes,
+            image_hw,
+            lb,
+            self.size,
+            base_dir=self.base_dir,
+            source=source,
+            max_pixels=self.max_pixels,
         )
         return d

@@ -11,12 +11,22 @@ DICOM rules (docs/image_pipeline.md explains the why):
 All of these are point operations of the stored value, so they are evaluated with pydicom's own functions on a
 ramp of every possible stored value and applied as one float32 lookup table (np.take): identical results to the
 per-pixel float64 path, several times faster, and no float64 copies of the image.
+
+Hostile and broken inputs (docs/image_pipeline.md, "Limits and refusals") end in a :class:`CXRLoadError` that names
+the file, the field/tag and the fix, never in a foreign exception, a hang or a NaN image:
+  * only regular files are opened (device files such as /dev/zero, FIFOs, sockets are refused after os.stat),
+    and with ``data_root`` a path resolving outside that folder is refused (path traversal);
+  * the declared size (PNG IHDR, JPEG SOF, DICOM Rows x Columns x frames x samples) is checked against
+    ``max_pixels`` (default :data:`MAX_PIXELS`) before any pixel is decoded (decompression bombs);
+  * non-finite pixels (Float Pixel Data) and non-finite LUT/rescale/window values are refused.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
+import stat
 import struct
 import warnings
 from typing import Any, Hashable, Mapping
@@ -28,10 +38,13 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
+from bundle.data.datalist.schema import MAX_PIXELS
 from bundle.demographics import UNKNOWN, age_years, sex_label
 
 __all__ = [
     "CXRLoadError",
+    "MAX_PIXELS",
+    "check_regular_file",
     "load_cxr",
     "parse_dicom_age",
     "LoadCXRd",
@@ -63,6 +76,73 @@ class CXRLoadError(ValueError):
 
 def _err(path, problem: str, fix: str) -> CXRLoadError:
     return CXRLoadError(f"{path}: {problem}. {fix}")
+
+
+def _is_decoder_panic(e: BaseException) -> bool:
+    """Rust decoder plugins (pylibjpeg-rle, ...) raise pyo3's PanicException, a BaseException, on damaged data."""
+    return type(e).__name__ == "PanicException"
+
+
+_SIZE_FIX = (
+    "The header is damaged or the file is a decompression bomb: drop it from the datalist; if the image is genuine, "
+    "raise the limit (load_cxr/LoadCXRd max_pixels, config key 'max_pixels')"
+)
+
+
+def _check_size(path, field: str, h, w, max_pixels: int | None, frames: int = 1, samples: int = 1) -> None:
+    """Refuse a declared size before decoding: non-positive sides, or more than ``max_pixels`` pixels in all."""
+    h, w = int(h), int(w)
+    if h < 1 or w < 1:
+        raise _err(path, f"{field} declares an empty image ({h}x{w})", "The header is damaged; re-export the image")
+    limit = MAX_PIXELS if max_pixels is None else int(max_pixels)
+    n = h * w * max(int(frames), 1) * max(int(samples), 1)
+    if n > limit:
+        extra = (f" x {frames} frames" if frames > 1 else "") + (f" x {samples} samples" if samples > 1 else "")
+        raise _err(path, f"{field} declares {h}x{w}{extra} = {n} pixels, over the limit max_pixels={limit}", _SIZE_FIX)
+
+
+_FILE_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def check_regular_file(path, data_root=None, what: str = "image") -> os.stat_result:
+    """os.stat ``path`` and refuse anything but a regular file (device, FIFO, socket, directory) without opening it,
+    and, with ``data_root``, a path that resolves (symlinks, "..") outside that folder. Returns the stat result.
+
+    Raises:
+        CXRLoadError: naming the file, what it is and the fix.
+    """
+    if data_root is not None:
+        root = os.path.realpath(os.fspath(data_root))
+        real = os.path.realpath(os.fspath(path))
+        if os.path.commonpath([root, real]) != root:
+            raise _err(
+                path,
+                f"resolves to {real}, outside the data root {root} (data_root); refused (path traversal?)",
+                "Keep images under the data root and write their paths without '..' or links leading out of it",
+            )
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise _err(path, "file does not exist", "Check the datalist path and its base directory") from e
+    except NotADirectoryError as e:
+        raise _err(path, "file does not exist (a parent is not a directory)", "Check the datalist path") from e
+    except (OSError, ValueError) as e:
+        raise _err(path, f"cannot be read ({e})", "Check permissions and the storage mount") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise _err(path, f"is a directory, not an {what}", f"Point the datalist at an {what} file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+        raise _err(
+            path,
+            f"is {kind}, not a regular {what} file; refused (it could hang or never end)",
+            f"Point the datalist at a regular {what} file",
+        )
+    return st
 
 
 # ----------------------------------------------------------------------------------------------- metadata
@@ -131,10 +211,12 @@ def _resize_area(img: np.ndarray, hw: tuple[int, int], shift: float = 0.0) -> np
 
 
 # ----------------------------------------------------------------------------------------------- PNG / JPEG
-def _load_pil(path, kind: str, target_size: int | None):
+def _load_pil(path, kind: str, target_size: int | None, max_pixels: int | None = None):
     try:
         with Image.open(path) as im:
             full_size = (im.size[1], im.size[0])
+            # lazy open: only the header (PNG IHDR, JPEG SOF) has been read; check the size before decoding
+            _check_size(path, f"{kind.upper()} header", full_size[0], full_size[1], max_pixels)
             if kind == "jpeg" and target_size:
                 # DCT-domain downscaling (1/2, 1/4, 1/8) to the smallest scale still >= the target size.
                 im.draft("L", (target_size, target_size))
@@ -148,6 +230,8 @@ def _load_pil(path, kind: str, target_size: int | None):
                 arr = arr / (65535.0 if arr.max(initial=0) <= 65535 else float(arr.max()))
             elif mode == "F":
                 arr = np.asarray(im, dtype=np.float32)
+                if not np.isfinite(arr).all():
+                    raise _err(path, "float image holds NaN/inf pixels", "Re-export it with finite values")
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
             else:
@@ -158,6 +242,8 @@ def _load_pil(path, kind: str, target_size: int | None):
                 arr = np.asarray(im, dtype=np.float32) / 255.0
     except CXRLoadError:
         raise
+    except Image.DecompressionBombError as e:  # PIL's own limit (Image.MAX_IMAGE_PIXELS) when ours is raised above it
+        raise _err(path, f"{kind.upper()} header declares a size over PIL's limit ({e})", _SIZE_FIX) from e
     except Exception as e:  # PIL raises OSError/SyntaxError/ValueError variants for damaged files
         raise _err(
             path,
@@ -211,7 +297,25 @@ def _read_dicom(path):
     return ds
 
 
-def _check_dicom(ds, path):
+def _is_image_sop(ds) -> bool:
+    from pydicom.uid import UID
+
+    uid = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    try:
+        return "Image Storage" in UID(str(uid or "")).name
+    except Exception:  # noqa: BLE001  (a damaged UID is just "unknown")
+        return False
+
+
+def _header_int(ds, keyword: str, tag: str, path, default: int = 1) -> int:
+    v = ds.get(keyword, default)
+    try:
+        return int(v or default)  # as before: 0 / empty / missing mean the default
+    except (TypeError, ValueError) as e:
+        raise _err(path, f"{keyword} {tag} is not an integer ({v!r})", "The header is damaged; re-export it") from e
+
+
+def _check_dicom(ds, path, max_pixels: int | None = None, file_size: int | None = None):
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality not in RADIOGRAPH_MODALITIES:
         raise _err(
@@ -220,21 +324,39 @@ def _check_dicom(ds, path):
             "Remove this series from the datalist; CT/MR/US/NM/PT/MG images are not chest radiographs",
         )
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        size = f" ({file_size} bytes)" if file_size is not None else ""
+        if "Rows" in ds or "Columns" in ds or "BitsAllocated" in ds or _is_image_sop(ds):
+            raise _err(
+                path,
+                f"DICOM has no Pixel Data (7FE0,0010) although its header declares an image{size}: "
+                "the file is truncated (too short to hold pixel data) or its pixels were stripped",
+                "Re-export or re-download the image",
+            )
         raise _err(
             path,
-            "DICOM has no Pixel Data (7FE0,0010)",
-            "This is a non-image object (report, presentation state, ...); point the datalist at the image",
+            f"DICOM has no Pixel Data (7FE0,0010){size}: a non-image object (report, presentation state, ...) "
+            "or a truncated file",
+            "Point the datalist at the image, or re-export / re-download a truncated file",
         )
     if not ds.get("Rows") or not ds.get("Columns"):
         raise _err(path, "DICOM lacks Rows/Columns", "The header is damaged; re-export the image")
-    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    nframes = _header_int(ds, "NumberOfFrames", "(0028,0008)", path)
+    _check_size(
+        path,
+        "Rows (0028,0010) x Columns (0028,0011)",
+        _header_int(ds, "Rows", "(0028,0010)", path),
+        _header_int(ds, "Columns", "(0028,0011)", path),
+        max_pixels,
+        frames=nframes,
+        samples=_header_int(ds, "SamplesPerPixel", "(0028,0002)", path),
+    )
     if nframes > 1:
         raise _err(
             path,
             f"multi-frame DICOM ({nframes} frames); a chest radiograph has one frame",
             "Extract the frame you want (e.g. with pydicom: ds.pixel_array[i]) into its own file",
         )
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    spp = _header_int(ds, "SamplesPerPixel", "(0028,0002)", path)
     pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
     if spp != 1 and pi in ("MONOCHROME1", "MONOCHROME2"):
         raise _err(
@@ -267,6 +389,52 @@ def _j2k_codestream_info(cs: bytes) -> dict | None:
         return info
     except (struct.error, IndexError):
         return None
+
+
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) Item, little endian
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC} | {0xF7}  # JPEG SOFn and JPEG-LS SOF55
+
+
+def _first_fragment_head(pixel_data, n: int = 65536) -> bytes:
+    """The first bytes of the first fragment of encapsulated Pixel Data (no copy of the whole frame)."""
+    if not isinstance(pixel_data, (bytes, bytearray)) or pixel_data[:4] != _ITEM or len(pixel_data) < 16:
+        return b""
+    pos = 8 + struct.unpack("<I", pixel_data[4:8])[0]  # skip the Basic Offset Table item
+    if pixel_data[pos : pos + 4] != _ITEM:
+        return b""
+    return bytes(pixel_data[pos + 8 : pos + 8 + n])
+
+
+def _codestream_size(head: bytes) -> tuple[str, int, int, int] | None:
+    """(kind, rows, columns, components) a JPEG / JPEG-LS / JPEG 2000 codestream declares in its header, else None."""
+    try:
+        if head.startswith(_J2K_SOC_SIZ):  # SIZ: Lsiz Rsiz Xsiz Ysiz XOsiz YOsiz ... Csiz
+            xs, ys, xo, yo = struct.unpack(">IIII", head[8:24])
+            return "JPEG 2000 SIZ", ys - yo, xs - xo, struct.unpack(">H", head[40:42])[0]
+        if head.startswith(b"\xff\xd8"):
+            pos = 2
+            while pos + 4 <= len(head):
+                if head[pos] != 0xFF:
+                    return None
+                marker = head[pos + 1]
+                if marker == 0xFF:  # fill byte
+                    pos += 1
+                    continue
+                if marker in _SOF_MARKERS:  # length(2) P(1) Y(2) X(2) Nf(1)
+                    y, x = struct.unpack(">HH", head[pos + 5 : pos + 9])
+                    return ("JPEG-LS SOF55" if marker == 0xF7 else "JPEG SOF"), y, x, head[pos + 9]
+                pos += 2 + struct.unpack(">H", head[pos + 2 : pos + 4])[0]
+    except (struct.error, IndexError):
+        return None
+    return None
+
+
+def _check_codestream(ds, path, max_pixels: int | None) -> None:
+    """A compressed frame's own header may declare a larger image than Rows/Columns: check it before decoding."""
+    info = _codestream_size(_first_fragment_head(ds.get("PixelData")))
+    if info is not None and info[1] > 0 and info[2] > 0:  # Y = 0 (size in a later DNL marker): decoder decides
+        kind, h, w, comps = info
+        _check_size(path, f"{kind} header in Pixel Data (7FE0,0010)", h, w, max_pixels, samples=max(comps, 1))
 
 
 def _has_pyjpegls() -> bool:
@@ -373,6 +541,33 @@ def _voi_kind(ds) -> str | None:
     return None
 
 
+_FINITE_TAGS = (
+    ("RescaleSlope", "(0028,1053)"),
+    ("RescaleIntercept", "(0028,1052)"),
+    ("WindowCenter", "(0028,1050)"),
+    ("WindowWidth", "(0028,1051)"),
+)
+
+
+def _check_finite_header(ds, path) -> None:
+    """Rescale and window values must be finite numbers (a NaN slope would make every pixel NaN)."""
+    for keyword, tag in _FINITE_TAGS:
+        v = ds.get(keyword)
+        if v is None or v == "":
+            continue
+        values = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+        try:
+            ok = all(math.isfinite(float(x)) for x in values)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _err(
+                path,
+                f"{keyword} {tag} is {v!r}, not a finite number: every pixel would be NaN/inf",
+                f"Fix {keyword} in the header (e.g. with pydicom) or re-export the image",
+            )
+
+
 def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None) -> np.ndarray:
     """Stored values -> modality LUT -> VOI LUT (first) -> [0, 1] -> inversion, with pydicom's pixel functions.
 
@@ -407,10 +602,28 @@ def _display_lut(ds, values: np.ndarray, path, present: np.ndarray | None = None
             f"DICOM LUT/window attributes could not be applied ({type(e).__name__}: {e})",
             "Check RescaleSlope/Intercept, Modality/VOI LUT Sequence and WindowCenter/Width in the header",
         ) from e
+    if not (math.isfinite(lo) and math.isfinite(hi)) or not np.isfinite(out).all():
+        tags = (
+            "Modality LUT Sequence (0028,3000) / RescaleSlope (0028,1053) / RescaleIntercept (0028,1052)"
+            if not np.isfinite(np.asarray(mod, dtype=np.float64)).all()
+            else "VOI LUT Sequence (0028,3010) / WindowCenter (0028,1050) / WindowWidth (0028,1051)"
+        )
+        raise _err(
+            path,
+            f"the LUT/window attributes {tags} give non-finite (NaN/inf) display values",
+            "Fix those attributes in the header or re-export the image",
+        )
     if hi == lo:
         res = np.zeros(out.shape, np.float32)
     else:  # lo > hi happens with a negative slope: the division handles the orientation
-        res = ((out - lo) / (hi - lo)).clip(0.0, 1.0).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = ((out - lo) / (hi - lo)).clip(0.0, 1.0).astype(np.float32)
+        if not np.isfinite(res).all():  # hi - lo overflowed (e.g. a slope near the float64 maximum)
+            raise _err(
+                path,
+                "RescaleSlope (0028,1053) / RescaleIntercept (0028,1052) give a value range too wide to scale",
+                "Fix the rescale attributes in the header or re-export the image",
+            )
     if _inverted(ds):
         res = 1.0 - res
     return res
@@ -424,32 +637,54 @@ def _inverted(ds) -> bool:
     return pi == "MONOCHROME1" or shape == "INVERSE"
 
 
-def _load_dicom(path, target_size: int | None):
+def _load_dicom(path, target_size: int | None, max_pixels: int | None = None, file_size: int | None = None):
     ds = _read_dicom(path)
-    _check_dicom(ds, path)
+    _check_dicom(ds, path, max_pixels, file_size)  # header only: the size limit is enforced before any decoding
+    _check_finite_header(ds, path)
     meta = _dicom_meta(ds, path)
     ts = meta["transfer_syntax"] or ""
+    if ts in _J2K_UIDS or ts in _JPEGLS_UIDS or ts.startswith("1.2.840.10008.1.2.4."):
+        _check_codestream(ds, path, max_pixels)
     arr, shift = None, 0.0
     try:
         if ts in _J2K_UIDS:
             arr, shift = _decode_j2k_reduced(ds, target_size) or (None, 0.0)
         elif ts == _JPEG_BASELINE_UID and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
             arr = _decode_jpeg_draft(ds, target_size)
-    except Exception:
-        arr = None  # any trouble with the fast paths: the reference decoder below decides
+    except BaseException as e:  # noqa: B036  (any trouble with the fast paths: the reference decoder decides)
+        if not (isinstance(e, Exception) or _is_decoder_panic(e)):
+            raise
+        arr = None
     if arr is None:
         try:
             if ts in _JPEGLS_UIDS and _has_pyjpegls():
                 # pydicom's default JPEG-LS plugin (pylibjpeg/libjpeg) decodes ~4x slower than CharLS (pyjpegls)
                 ds.pixel_array_options(decoding_plugin="pyjpegls")
             arr = ds.pixel_array
-        except Exception as e:
+        except BaseException as e:  # noqa: B036  (Exception, or a decoder plugin's PanicException)
+            if not (isinstance(e, Exception) or _is_decoder_panic(e)):
+                raise
             raise _err(
                 path,
                 f"pixel data could not be decoded ({type(e).__name__}: {e})",
                 "The file is truncated/damaged, or its transfer syntax needs a decoder plugin "
                 "(pylibjpeg-openjpeg, pylibjpeg-libjpeg, pylibjpeg-rle, pyjpegls)",
             ) from e
+    if arr.dtype.kind == "f":  # Float / Double Float Pixel Data: NaN or inf pixels are refused, never propagated
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            tag = (
+                "Double Float Pixel Data (7FE0,0009)"
+                if "DoubleFloatPixelData" in ds
+                else "Float Pixel Data (7FE0,0008)"
+            )
+            raise _err(
+                path,
+                f"{tag} holds {bad} non-finite (NaN/inf) pixel(s)",
+                "Re-export the image with finite values (e.g. NaN replaced by the background value)",
+            )
+    if arr.ndim not in (2, 3):
+        raise _err(path, f"unexpected pixel array shape {arr.shape}", "Expected a single-frame 2D image")
     if arr.ndim == 3:  # colour secondary capture: luma
         if arr.shape[-1] not in (3, 4):
             raise _err(path, f"unexpected pixel array shape {arr.shape}", "Expected a single-frame 2D image")
@@ -465,7 +700,7 @@ def _load_dicom(path, target_size: int | None):
 
 
 # ----------------------------------------------------------------------------------------------- public API
-def _sniff(path) -> str:
+def _sniff(path, max_pixels: int | None = None) -> str:
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -480,6 +715,10 @@ def _sniff(path) -> str:
     if head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(_PNG_SIG):
+        if len(head) < 24 or head[12:16] != b"IHDR":
+            raise _err(path, "PNG has no IHDR chunk first (truncated or damaged)", "Re-export the image")
+        w, h = struct.unpack(">II", head[16:24])
+        _check_size(path, "PNG IHDR", h, w, max_pixels)  # before PIL (whose own limit is a warning below 2x)
         return "png"
     if head.startswith(_JPEG_SIG):
         return "jpeg"
@@ -491,7 +730,13 @@ def _sniff(path) -> str:
     return "dicom"  # .dcm / .dicom / no extension: may be a raw DICOM dataset without preamble
 
 
-def load_cxr(path, return_meta: bool = False, target_size: int | None = None):
+def load_cxr(
+    path,
+    return_meta: bool = False,
+    target_size: int | None = None,
+    max_pixels: int | None = None,
+    data_root: str | os.PathLike | None = None,
+):
     """Load a chest radiograph as float32 (H, W) in [0, 1], bone bright and lung dark.
 
     Args:
@@ -501,20 +746,40 @@ def load_cxr(path, return_meta: bool = False, target_size: int | None = None):
         target_size: optional hint: the caller will resize so the longer side is ``target_size``. The result is
             then already resized (area) to that size, and decoders that can skip detail (JPEG 2000 resolution
             levels, JPEG DCT scaling) decode only what is needed. Never upsamples. ``meta["orig_size"]`` stays native.
+        max_pixels: refuse images whose header declares more pixels (rows x columns x frames x samples) than this,
+            before decoding; None = :data:`MAX_PIXELS` (2**27, e.g. 16384 x 8192).
+        data_root: when given, refuse paths that resolve (symlinks, "..") outside this folder.
 
     Raises:
-        CXRLoadError: missing/truncated/unreadable file, non-radiograph modality, multi-frame DICOM, no pixel data.
+        CXRLoadError: missing/truncated/unreadable file, not a regular file (device, FIFO), path outside
+            ``data_root``, declared size over ``max_pixels``, non-finite pixels or LUT/rescale/window values,
+            non-radiograph modality, multi-frame DICOM, no pixel data. The message names the file and the fix.
     """
-    kind = _sniff(path)
     if target_size is not None:
         target_size = int(target_size)
         if target_size < 1:
             raise ValueError(f"target_size must be a positive int, got {target_size}")
+    if not isinstance(path, (str, bytes, os.PathLike)):  # an int would be taken as an open file descriptor
+        raise TypeError(f"load_cxr: path must be a file path, got {type(path).__name__}")
+    st = check_regular_file(path, data_root)
+    kind = _sniff(path, max_pixels)
     shift = 0.0
-    if kind == "dicom":
-        img, meta, shift = _load_dicom(path, target_size)
-    else:
-        img, meta = _load_pil(path, kind, target_size)
+    try:
+        if kind == "dicom":
+            img, meta, shift = _load_dicom(path, target_size, max_pixels, st.st_size)
+        else:
+            img, meta = _load_pil(path, kind, target_size, max_pixels)
+    except CXRLoadError:
+        raise
+    except BaseException as e:  # noqa: B036  (a damaged header met code that trusted it; MemoryError included)
+        if not (isinstance(e, Exception) or _is_decoder_panic(e)):
+            raise
+        what = "DICOM header or pixel data is damaged" if kind == "dicom" else "could not be loaded"
+        raise _err(
+            path,
+            f"{what} ({type(e).__name__}: {e})",
+            "The file is damaged or not a supported chest radiograph; re-export it or drop it from the datalist",
+        ) from e
     if target_size:
         h, w = meta["orig_size"]
         if max(h, w) > target_size:
@@ -540,14 +805,22 @@ class LoadCXRd(MapTransform):
     ``age`` and ``view`` from DICOM metadata where the record lacks them (absent, None or "unknown").
     The MetaTensor's meta carries ``filename_or_obj`` (the path) so later transforms can name the file in errors.
     With ``target_size`` the image is already resized so its longer side is ``target_size`` (see load_cxr); the
-    letterbox geometry is still computed from the native ``orig_size``.
+    letterbox geometry is still computed from the native ``orig_size``. ``max_pixels`` and ``data_root`` are
+    passed to load_cxr (size limit checked on the header before decoding; paths outside the data root refused).
     """
 
     def __init__(
-        self, keys: KeysCollection = ("image",), target_size: int | None = None, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection = ("image",),
+        target_size: int | None = None,
+        allow_missing_keys: bool = False,
+        max_pixels: int | None = None,
+        data_root: str | os.PathLike | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.target_size = target_size
+        self.max_pixels = max_pixels
+        self.data_root = data_root
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -555,7 +828,13 @@ class LoadCXRd(MapTransform):
             path = d[key]
             if not isinstance(path, (str, os.PathLike)):
                 raise TypeError(f"LoadCXRd: d[{key!r}] must be a file path, got {type(path).__name__}")
-            img, meta = load_cxr(path, return_meta=True, target_size=self.target_size)
+            img, meta = load_cxr(
+                path,
+                return_meta=True,
+                target_size=self.target_size,
+                max_pixels=self.max_pixels,
+                data_root=self.data_root,
+            )
             d[key] = MetaTensor(
                 torch.from_numpy(img[None]),
                 meta={

@@ -6,16 +6,18 @@ atomically; :func:`summarize` / :func:`format_summary` count what a datalist hol
 validation are in :mod:`.schema`, reading and writing in :mod:`.io`, the counts in :mod:`.summary`.
 """
 
-from bundle.data.datalist.io import load, save, strict_json_default
+from bundle.data.datalist.io import MAX_DEPTH, load, loads_bytes, save, strict_json_default
 from bundle.data.datalist.schema import (
     AGE_BINS,
     ATTENTION_TYPES,
     FRAME_FIX,
+    MAX_PIXELS,
     METADATA_KEYS,
     DatalistError,
     Problem,
     age_group,
     age_scheme,
+    coco_rle_counts,
     frame_missing,
     frame_missing_message,
     normalize_age,
@@ -30,15 +32,19 @@ __all__ = [
     "ATTENTION_TYPES",
     "AGE_BINS",
     "FRAME_FIX",
+    "MAX_DEPTH",
+    "MAX_PIXELS",
     "METADATA_KEYS",
     "DatalistError",
     "Problem",
     "age_group",
     "age_scheme",
+    "coco_rle_counts",
     "format_summary",
     "frame_missing",
     "frame_missing_message",
     "load",
+    "loads_bytes",
     "normalize_age",
     "normalize_label",
     "resolve_path",

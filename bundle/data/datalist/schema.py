@@ -14,8 +14,10 @@ when whole, rounded to 0.01 year otherwise).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,11 +28,13 @@ __all__ = [
     "ATTENTION_TYPES",
     "AGE_BINS",
     "FRAME_FIX",
+    "MAX_PIXELS",
     "METADATA_KEYS",
     "DatalistError",
     "Problem",
     "age_group",
     "age_scheme",
+    "coco_rle_counts",
     "frame_missing",
     "frame_missing_message",
     "normalize_age",
@@ -59,6 +63,9 @@ FRAME_FIX = (
     'add "frame": [width, height] of the image the coords were drawn on '
     '(or "normalized": true with coords in [0, 1])'
 )
+#: the default limit on declared image / mask / RLE sizes (rows x columns x frames), checked before any decoding:
+#: 134 M pixels (e.g. 16384 x 8192); a chest radiograph has ~4-12 M. Override with ``max_pixels`` (config key).
+MAX_PIXELS = 2**27
 _TOL_PX = 1.0  # coordinates may overshoot the frame by one pixel (rounding in converters)
 _TOL_NORM = 1e-3
 
@@ -145,12 +152,42 @@ def frame_missing(att: Mapping) -> bool:
     bbox_xywh, bbox_xyxy, ellipse_bbox, polygon and point_radius need a frame unless ``"normalized": true``;
     rle carries its size and a mask file its own size.
     """
-    needs_frame = ATTENTION_TYPES.get(att.get("type"), False)
+    typ = att.get("type")
+    needs_frame = isinstance(typ, str) and ATTENTION_TYPES.get(typ, False)
     return bool(needs_frame and att.get("frame") is None and att.get("normalized") is not True)
 
 
 def frame_missing_message(typ) -> str:
     return f"missing for type {typ!r} with pixel coordinates"
+
+
+def coco_rle_counts(counts: str) -> list[int] | None:
+    """Run lengths of a compressed COCO RLE string (pycocotools' rleFrString in Python), or None when the string is
+    malformed (characters outside '0'..'o', a value cut short, a negative run). Lets the validator and the
+    rasteriser check that the runs sum to h * w before pycocotools decodes anything."""
+    out: list[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x = k = 0
+        more = True
+        while more:
+            if p >= n:
+                return None  # the last value is cut short
+            c = ord(counts[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        if x < 0:
+            return None
+        out.append(x)
+    return out
 
 
 def split_names(datalist: Mapping) -> list[str]:
@@ -170,11 +207,100 @@ def resolve_path(path: str, base_dir: str | None) -> str:
     return os.path.normpath(os.path.join(base_dir, path))
 
 
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_kind(st: os.stat_result) -> str:
+    return next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+
+
+def _outside_root(full: str, data_root: str | None) -> str | None:
+    """The resolved path when ``full`` resolves (symlinks, "..") outside ``data_root``, else None."""
+    if data_root is None:
+        return None
+    root = os.path.realpath(data_root)
+    real = os.path.realpath(full)
+    return None if os.path.commonpath([root, real]) == root else real
+
+
 class _Checker:
-    def __init__(self, base_dir, check_images):
+    def __init__(self, base_dir, check_images, data_root=None, max_pixels=None):
         self.base_dir = base_dir
         self.check_images = check_images
+        self.data_root = None if data_root is None else os.fspath(data_root)
+        self.max_pixels = MAX_PIXELS if max_pixels is None else int(max_pixels)
         self.problems: list[Problem] = []
+        self.image_sizes: dict[str, int] = {}  # resolved image path -> st_size (regular files, check_images)
+
+    def file(self, split, i, key, full, what="image") -> os.stat_result | None:
+        """Refuse paths outside the data root; with check_images: missing files and non-regular files (device,
+        FIFO, directory: never opened). Returns the stat result of a regular file (check_images) else None."""
+        real = _outside_root(full, self.data_root)
+        if real is not None:
+            self.add(
+                split,
+                i,
+                key,
+                f"{what} path {full} resolves to {real}, outside the data root {os.path.realpath(self.data_root)}",
+                "keep files under the data root; write paths without '..' or links that lead out of it",
+                code="outside_data_root",
+            )
+            return None
+        if not self.check_images:
+            return None
+        try:
+            st = os.stat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            self.add(
+                split,
+                i,
+                key,
+                f"{what} file not found: {full}",
+                "correct the path (relative paths start at the datalist's folder) or remove the record",
+                code="missing_image",
+            )
+            return None
+        except (OSError, ValueError) as e:
+            self.add(
+                split,
+                i,
+                key,
+                f"{what} file {full} cannot be read ({e})",
+                "check permissions and the storage mount",
+                code="missing_image",
+            )
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            self.add(
+                split,
+                i,
+                key,
+                f"{what} path {full} is {_file_kind(st)}, not a regular file (it would hang or fail in training)",
+                f"point the record at a regular {what} file",
+                code="not_regular_file",
+            )
+            return None
+        return st
+
+    def too_big(self, split, i, key, h, w, what) -> bool:
+        if h * w <= self.max_pixels:
+            return False
+        self.add(
+            split,
+            i,
+            key,
+            f"{what} declares {h}x{w} = {h * w} pixels, over the limit max_pixels={self.max_pixels} "
+            "(decoding it would need that many bytes)",
+            "check the size (a damaged or hostile entry); if genuine, raise max_pixels (config key 'max_pixels')",
+            code="too_large",
+        )
+        return True
 
     def add(self, split, index, key, message, fix, severity="error", code=""):
         self.problems.append(Problem(split, index, key, message, fix, severity, code))
@@ -213,7 +339,7 @@ class _Checker:
                 code="attention_on_negative",
             )
         typ = att.get("type")
-        if typ not in ATTENTION_TYPES:
+        if not isinstance(typ, str) or typ not in ATTENTION_TYPES:
             self.add(
                 split,
                 i,
@@ -350,6 +476,10 @@ class _Checker:
                 code="coords_malformed",
             )
         h, w = size
+        if self.too_big(split, i, f"{key}.size", h, w, "the RLE size"):
+            return
+        if fw is not None and self.too_big(split, i, f"{k}.frame", int(fh), int(fw), "the frame"):
+            return
         if isinstance(counts, list):
             if (
                 not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts)
@@ -370,6 +500,16 @@ class _Checker:
                 f"{key}.counts",
                 f"must be a non-empty string or a list, got {_short(counts)}",
                 fix,
+                code="coords_malformed",
+            )
+        elif not all("0" <= ch <= "o" for ch in counts):
+            # the full run check (sum == h * w) is the rasteriser's, just before pycocotools decodes
+            return self.add(
+                split,
+                i,
+                f"{key}.counts",
+                f"compressed COCO RLE counts hold characters outside '0'..'o': {_short(counts)}",
+                "write the counts with pycocotools.mask.encode(...)['counts'].decode('ascii')",
                 code="coords_malformed",
             )
         if fw is not None and (fw, fh) != (w, h):
@@ -393,33 +533,52 @@ class _Checker:
                 'add "path": "masks/<file>.png" (relative to the datalist or absolute)',
                 code="coords_malformed",
             )
-        if not self.check_images:
-            return
         full = resolve_path(path, self.base_dir)
-        if not os.path.isfile(full):
-            return self.add(
-                split,
-                i,
-                f"{k}.path",
-                f"mask file not found: {full}",
-                "write the mask file or correct the path (relative paths start at the datalist's folder)",
-                code="missing_image",
-            )
-        if fw is not None:
+        if self.file(split, i, f"{k}.path", full, "mask") is None:
+            return
+        if fw is not None and self.too_big(split, i, f"{k}.frame", int(fh), int(fw), "the frame"):
+            return
+        size = None
+        if full.lower().endswith(".npy"):
             try:
-                from PIL import Image  # noqa: PLC0415  (header only: lazy open)
+                import numpy as np  # noqa: PLC0415
 
-                with Image.open(full) as im:
-                    size = im.size
+                shape = tuple(np.load(full, mmap_mode="r", allow_pickle=False).shape)  # header only
+                if len(shape) == 3:  # same rule as the rasteriser: (H, W, C<=4) or (1, H, W)
+                    shape = shape[:2] if shape[-1] in (2, 3, 4) else shape[1:]
+                if len(shape) == 2:
+                    size = (int(shape[1]), int(shape[0]))
             except Exception as e:  # noqa: BLE001
                 return self.add(
                     split,
                     i,
                     f"{k}.path",
-                    f"mask file {full} is not a readable image ({e})",
+                    f"mask file {full} is not a readable NPY array ({type(e).__name__}: {e})",
+                    "store masks as PNG or NPY (non-zero = inside)",
+                    code="missing_image",
+                )
+        else:
+            try:
+                import warnings  # noqa: PLC0415
+
+                from PIL import Image  # noqa: PLC0415  (header only: lazy open)
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with Image.open(full) as im:
+                        size = im.size
+            except Exception as e:  # noqa: BLE001  (PIL's DecompressionBombError included)
+                return self.add(
+                    split,
+                    i,
+                    f"{k}.path",
+                    f"mask file {full} is not a readable image ({type(e).__name__}: {e})",
                     "store masks as PNG (non-zero = inside)",
                     code="missing_image",
                 )
+        if size is not None and self.too_big(split, i, f"{k}.path", int(size[1]), int(size[0]), "the mask file"):
+            return
+        if fw is not None and size is not None:
             if (fw, fh) != (float(size[0]), float(size[1])):
                 self.add(
                     split,
@@ -452,15 +611,11 @@ class _Checker:
                 "give the image path, relative to the datalist's folder or absolute",
                 code="image",
             )
-        elif self.check_images and not os.path.isfile(resolve_path(img, self.base_dir)):
-            self.add(
-                split,
-                i,
-                "image",
-                f"image file not found: {resolve_path(img, self.base_dir)}",
-                "correct the path (relative paths start at the datalist's folder) or remove the record",
-                code="missing_image",
-            )
+        else:
+            full = resolve_path(img, self.base_dir)
+            st = self.file(split, i, "image", full)
+            if st is not None:
+                self.image_sizes[full] = st.st_size
         label = rec.get("label")
         if label is None and "label" not in rec:
             self.add(
@@ -561,12 +716,36 @@ def _short(x, n: int = 80) -> str:
     return s if len(s) <= n else s[: n - 3] + "..."
 
 
-def validate(datalist: Mapping, base_dir: str | None = None, check_images: bool = False) -> list[Problem]:
+def _sha256(path: str) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def validate(
+    datalist: Mapping,
+    base_dir: str | None = None,
+    check_images: bool = False,
+    data_root: str | os.PathLike | None = None,
+    required_splits=(),
+    max_pixels: int | None = None,
+) -> list[Problem]:
     """Every problem of a datalist (raw or loaded), errors and warnings; an empty list means all is well.
 
     ``base_dir`` resolves relative image/mask paths (needed with ``check_images=True``).
+    ``check_images``: image and mask files must exist and be regular files (device files, FIFOs and directories
+    are refused without being opened); mask headers are checked against ``max_pixels``; images with the same
+    size in two splits are compared by sha256 (leakage warning).
+    ``data_root``: refuse image/mask paths that resolve (symlinks, "..") outside this folder.
+    ``required_splits``: splits that must exist and be non-empty (e.g. ["training", "validation"] for training).
+    ``max_pixels``: limit on declared RLE / mask / frame sizes (default :data:`MAX_PIXELS`).
     """
-    ck = _Checker(base_dir, check_images)
+    ck = _Checker(base_dir, check_images, data_root, max_pixels)
     if not isinstance(datalist, Mapping):
         ck.add(
             None,
@@ -607,7 +786,18 @@ def validate(datalist: Mapping, base_dir: str | None = None, check_images: bool 
         ck.add(
             None, None, None, "no split found", 'add at least one list of records, e.g. "training": [...]', code="top"
         )
+    for req in [required_splits] if isinstance(required_splits, str) else list(required_splits or ()):
+        if req not in splits or not datalist[req]:
+            ck.add(
+                req,
+                None,
+                None,
+                f"required split {req!r} is {'empty' if req in splits else 'missing'} (present: {splits})",
+                f"add records to {req!r} (e.g. bundle.data.splits.patient_split), or do not require it",
+                code="required_split",
+            )
     seen_patient: dict[str, dict[str, int]] = defaultdict(dict)
+    seen_image: dict[str, dict[str, int]] = defaultdict(dict)  # resolved image path -> {split: first index}
     for split in splits:
         images: dict[str, int] = {}
         for i, rec in enumerate(datalist[split]):
@@ -629,6 +819,7 @@ def validate(datalist: Mapping, base_dir: str | None = None, check_images: bool 
                     )
                 else:
                     images[full] = i
+                seen_image[full].setdefault(split, i)
             pid = rec.get("patient_id")
             if pid is not None and str(pid) != "":
                 seen_patient[str(pid)].setdefault(split, i)
@@ -644,4 +835,51 @@ def validate(datalist: Mapping, base_dir: str | None = None, check_images: bool 
                     "keep all images of a patient in one split (bundle.data.splits.patient_split)",
                     code="patient_leakage",
                 )
+    _image_leakage(ck, seen_image)
     return ck.problems
+
+
+def _image_leakage(ck: _Checker, seen_image: dict[str, dict[str, int]]) -> None:
+    """Warn about the same image (resolved path; with check_images also the same bytes) in two splits."""
+    for full, where in seen_image.items():
+        if len(where) > 1:
+            (s0, i0), *others = list(where.items())
+            for split, i in others:
+                ck.add(
+                    split,
+                    i,
+                    "image",
+                    f"same image {full} as split {s0!r} index {i0}: leakage between splits",
+                    "keep each image in one split (bundle.data.splits.patient_split); check the patient ids",
+                    "warning",
+                    code="image_leakage",
+                )
+    if not ck.check_images:
+        return
+    # same bytes under different paths: only files whose size collides with a file of another split are hashed
+    by_size: dict[int, list[tuple[str, str, int]]] = defaultdict(list)
+    for full, where in seen_image.items():
+        if full in ck.image_sizes:
+            split, i = next(iter(where.items()))
+            by_size[ck.image_sizes[full]].append((full, split, i))
+    for group in by_size.values():
+        if len(group) < 2 or len({s for _, s, _ in group}) < 2:
+            continue
+        first: dict[str, tuple[str, str, int]] = {}
+        for full, split, i in group:
+            digest = _sha256(full)
+            if digest is None:
+                continue
+            if digest in first and first[digest][1] != split:
+                f0, s0, i0 = first[digest]
+                ck.add(
+                    split,
+                    i,
+                    "image",
+                    f"same file content (sha256) as {f0} in split {s0!r} index {i0}: leakage between splits",
+                    "keep each image in one split; a copy under another name or patient id is still the same image",
+                    "warning",
+                    code="image_leakage",
+                )
+            else:
+                first.setdefault(digest, (full, split, i))
