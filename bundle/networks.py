@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
+from bundle.errors import MissingWeightsError, fetch_target, looks_like_hub_id
 from bundle.text import build_text_encoder, encode_prompts, pool_text, tokenize_prompts
 from bundle.utils.atomic import read_json, write_json_atomic
 
@@ -207,17 +208,33 @@ def _resolve_prompts(classes: Sequence[str], prompts) -> list[str]:
     return prompts
 
 
+# Folder names (lower case) a ViT is known under on the hub, to suggest what to fetch into a missing folder.
+DEFAULT_VIT_REPO = "google/vit-base-patch16-224-in21k"
+KNOWN_VITS = {"vit-base-patch16-224": "google/vit-base-patch16-224", "vit-base-patch16-224-in21k": DEFAULT_VIT_REPO}
+
+
+def _vit_not_found(spec: str, reason: str = "") -> MissingWeightsError:
+    repo, local_dir = fetch_target(spec, KNOWN_VITS, DEFAULT_VIT_REPO)
+    hint = (
+        "A folder must hold what ViTModel.save_pretrained writes (config.json and model.safetensors or "
+        "pytorch_model.bin); HF_HOME or HF_HUB_CACHE select another cache; vit_pretrained=None builds a random ViT"
+    )
+    return MissingWeightsError("pretrained ViT", spec, "vit_pretrained", repo, local_dir, reason, hint)
+
+
 def _build_vit(vit_pretrained, image_size, patch_size, in_channels, hidden, layers, heads, mlp, dropout) -> ViTModel:
     if vit_pretrained:
+        spec = str(vit_pretrained)
+        path = os.path.expanduser(spec)
+        if not looks_like_hub_id(spec) and not os.path.isdir(path):
+            raise _vit_not_found(spec)  # nothing is downloaded: a missing folder stops here with what to fetch
         try:
-            vit = ViTModel.from_pretrained(str(vit_pretrained), local_files_only=True, add_pooling_layer=False)
+            vit = ViTModel.from_pretrained(
+                path if os.path.exists(path) else spec, local_files_only=True, add_pooling_layer=False
+            )
         except (OSError, ValueError) as e:
-            raise FileNotFoundError(
-                f"vit_pretrained={vit_pretrained!r} could not be loaded offline ({type(e).__name__}: {e}). Pass a "
-                "directory written by ViTModel.save_pretrained (config.json + weights), e.g. from `hf download "
-                "google/vit-base-patch16-224-in21k --local-dir models/vit-b16`, or a hub id already in the HF cache; "
-                "or vit_pretrained=None for a randomly initialised ViT."
-            ) from e
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}" if os.path.exists(path) else ""
+            raise _vit_not_found(spec, reason) from e
         _adapt_vit_channels(vit, in_channels)
         return vit
     if hidden % heads:

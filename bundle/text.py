@@ -21,6 +21,8 @@ import torch
 from tokenizers import normalizers, pre_tokenizers
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
+from bundle.errors import MissingWeightsError, fetch_target, looks_like_hub_id
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -35,8 +37,13 @@ RANDOM_TEXT_CONFIGS = {
 MED_KEBERT_ID = "xmcmic/Med-KEBERT"
 
 
-class TextEncoderNotFoundError(FileNotFoundError):
-    """A pretrained text encoder was requested but is not available locally (nothing is ever downloaded)."""
+# Folder names (lower case) a text encoder is known under on the hub, to suggest what to fetch into a missing folder.
+KNOWN_TEXT_ENCODERS = {"med-kebert": MED_KEBERT_ID}
+
+
+class TextEncoderNotFoundError(MissingWeightsError):
+    """A pretrained text encoder was requested but is not available locally (nothing is ever downloaded).
+    A :class:`bundle.errors.MissingWeightsError`, hence a ``FileNotFoundError``."""
 
 
 def _basic_words(texts: Iterable[str]) -> list[str]:
@@ -87,47 +94,31 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int = 64, ch
     return ids.long(), mask.long()
 
 
-def _hf_cache_dir() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except Exception:  # pragma: no cover
-        return os.path.expanduser("~/.cache/huggingface/hub")
-
-
-def _not_found_message(spec: str, reason: str) -> str:
-    looks_like_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    lines = [f"text encoder {spec!r} is not available locally ({reason}); nothing is downloaded at run time."]
-    if looks_like_id:
-        lines.append(
-            f"If it is a Hugging Face hub id, download it once on a machine with network access: `hf download {spec}` "
-            f"(older hubs: `huggingface-cli download {spec}`) into the Hugging Face cache ({_hf_cache_dir()}; set "
-            f"HF_HOME or HF_HUB_CACHE to move it), or `hf download {spec} --local-dir /path/to/dir` and pass "
-            "text_encoder=/path/to/dir."
-        )
-    lines.append(
-        "A local directory must hold the files written by BertModel.save_pretrained plus the tokenizer (config.json, "
-        f"model.safetensors or pytorch_model.bin, vocab.txt or tokenizer.json), e.g. `hf download {MED_KEBERT_ID} "
-        "--local-dir models/Med-KEBERT`."
+def _not_found(spec: str, reason: str = "") -> TextEncoderNotFoundError:
+    repo, local_dir = fetch_target(spec, KNOWN_TEXT_ENCODERS, MED_KEBERT_ID)
+    what = "Med-KEBERT" if repo == MED_KEBERT_ID else "text encoder"
+    hint = (
+        "A folder must hold what BertModel.save_pretrained and the tokenizer write (config.json, model.safetensors or "
+        "pytorch_model.bin, vocab.txt or tokenizer.json); HF_HOME or HF_HUB_CACHE select another cache; "
+        "text_encoder='random-small' or 'random-base' (or text_fallback) builds a random encoder offline instead"
     )
-    lines.append("Or use text_encoder='random-small' / 'random-base' for a randomly initialised BERT built offline.")
-    return " ".join(lines)
+    return TextEncoderNotFoundError(what, spec, "text_encoder", repo, local_dir, reason, hint)
 
 
 def _load_pretrained(spec: str, add_pooling_layer: bool = True):
     """Tokenizer + BertModel from a local directory or a cached hub id, never from the network."""
-    if spec.startswith((".", "/", "~")) or os.path.isabs(spec) or os.path.exists(os.path.expanduser(spec)):
-        path = os.path.expanduser(spec)
-        if not os.path.isdir(path):
-            raise TextEncoderNotFoundError(_not_found_message(spec, f"directory {path!r} does not exist"))
-    else:
+    path = os.path.expanduser(spec)
+    if not looks_like_hub_id(spec) and not os.path.isdir(path):
+        raise _not_found(spec)
+    if not os.path.exists(path):
         path = spec
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = BertModel.from_pretrained(path, local_files_only=True, add_pooling_layer=add_pooling_layer)
     except (OSError, ValueError) as e:  # OSError: missing files / not in cache; ValueError: offline-mode refusals
-        raise TextEncoderNotFoundError(_not_found_message(spec, f"{type(e).__name__}: {e}".splitlines()[0])) from e
+        # An existing folder that does not load says why (its first line); a hub id is simply not in the cache.
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}" if os.path.exists(path) else ""
+        raise _not_found(spec, reason) from e
     return tokenizer, model
 
 
