@@ -8,9 +8,17 @@ report with thresholds chosen on the validation split, and a report folder is wr
     <output_dir>/<split>/fairness_report.csv    one row per class x attribute x group (and gap rows)
     <output_dir>/<split>/predictions.csv        one row per image: metadata, labels, scores, decisions, hits
     <output_dir>/<split>/plots/*.png            per-group AUC with CIs; attention overlays of positives
-    <output_dir>/summary.json                   headline numbers of every split
+    <output_dir>/<split>/skipped.csv            files that failed to load (file, reason); header only when none
+    <output_dir>/summary.json                   headline numbers of every split (``<split>_n_skipped`` included)
 
-All files are written atomically and logged to MLflow (metrics + artifacts) when a tracking URI is given.
+A file that fails to load (truncated DICOM, unreadable PNG: ``bundle.transforms.CXRLoadError`` or any other error of
+the preprocessing) does not stop the evaluation: it becomes a placeholder (:class:`bundle.inference.SkipFailedDataset`)
+flagged ``failed``, which the collection metrics drop, so it is in no metric; it is listed in skipped.csv and
+logged as a warning. A split whose every file fails gets a report that says so, and the other splits are evaluated.
+
+The JSON files are strict JSON (NaN/inf written as null) and the strings from the datalist (patient ids, paths)
+are sanitised (lone surrogates escaped), so a strange value never crashes the report. All files are written
+atomically and logged to MLflow (metrics + artifacts) when a tracking URI is given.
 """
 
 from __future__ import annotations
@@ -26,8 +34,9 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, DistributedSampler
 
-from bundle.engines import AlignmentEvaluator
+from bundle.engines import BATCH_KEYS, AlignmentEvaluator, AlignmentPrepareBatch
 from bundle.handlers import MeanAUC, OverlaySampler, PredictionCollector
+from bundle.inference import SkipFailedDataset, load_error_message
 from bundle.metrics import groups_for_records, nanmean_or_nan
 from bundle.utils.atomic import rows_to_csv, write_json_atomic, write_text_atomic
 from bundle.utils.dist import is_rank0, unwrap
@@ -35,7 +44,38 @@ from bundle.workflow import split_records
 
 logger = logging.getLogger("bundle")
 
-__all__ = ["collect_split", "evaluate", "load_checkpoint"]
+__all__ = ["collect_split", "evaluate", "load_checkpoint", "strict_json", "clean_str"]
+
+SKIPPED_COLUMNS = ("file", "reason")
+FAILED_KEY = "failed"  # per-sample flag of the placeholders of files that failed to load
+
+
+def clean_str(v):
+    """``v`` when it is not a string; else a string that encodes as UTF-8 (lone surrogates, e.g. from a file name
+    decoded with surrogateescape, become ``\\udcff``), so a strange patient id or path cannot crash a writer."""
+    if not isinstance(v, str):
+        return v
+    try:
+        v.encode("utf-8")
+        return v
+    except UnicodeEncodeError:
+        return v.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
+def strict_json(obj):
+    """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts: non-finite floats (NaN, inf) become
+    None (JSON null), strings are :func:`clean_str`-ed, numpy scalars and arrays become Python values."""
+    if isinstance(obj, Mapping):
+        return {clean_str(k) if isinstance(k, str) else k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return strict_json(obj.tolist())
+    if isinstance(obj, (np.generic, torch.Tensor)) and getattr(obj, "ndim", 0) == 0:
+        obj = obj.item()
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    return clean_str(obj)
 
 
 def load_checkpoint(network: torch.nn.Module, path: str, strict: bool = True) -> torch.nn.Module:
@@ -70,8 +110,24 @@ def collect_split(
     n_overlays: int = 16,
     classes: Sequence[str] | None = None,
 ) -> dict:
-    """Run the evaluator over one split: arrays sorted by index (pred, label, hit, mass), overlays, mean AUC."""
-    ds = Dataset(data=list(records), transform=preprocessing)
+    """Run the evaluator over one split: arrays sorted by index (pred, label, hit, mass), overlays, mean AUC, and
+    ``skipped``: the files that failed to load (``{"index", "file", "reason"}``, sorted by index, every rank's).
+
+    The samples of the skipped files are in no array and no metric. When no file of the split loads, the evaluator
+    is not run: ``arrays`` is {} and ``mean_auc`` NaN.
+    """
+    records = list(records)
+    plain = Dataset(data=records, transform=preprocessing)
+    template, first_errors = None, []
+    for i, r in enumerate(records):  # the first item that loads: the placeholders copy its keys and shapes
+        try:
+            template = plain[i]
+            break
+        except Exception as e:
+            first_errors.append({"index": int(r.get("index", i)), "file": r.get("image"), "reason": _reason(e, r)})
+    if template is None:
+        return {"arrays": {}, "mean_auc": math.nan, "overlays": [], "skipped": first_errors}
+    ds = SkipFailedDataset(data=records, transform=preprocessing, template=template, failed_key=FAILED_KEY)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     sampler = DistributedSampler(ds, even_divisible=False, shuffle=False) if dist else None
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=num_workers)
@@ -80,17 +136,46 @@ def collect_split(
         device=device,
         val_data_loader=loader,
         network=network,
+        prepare_batch=AlignmentPrepareBatch(extra_keys=(*BATCH_KEYS, FAILED_KEY)),
         key_val_metric={"mean_auc": MeanAUC()},
         additional_metrics={"collected": collector},
         val_handlers=[overlays],
         amp=amp,
     )
+    errors: dict[int, str] = {}
+
+    def note_errors(engine) -> None:
+        batch = engine.state.batch
+        for idx, err in zip(torch.as_tensor(batch["index"]).reshape(-1).tolist(), batch["error"], strict=True):
+            if err:
+                errors[int(idx)] = err
+
+    from ignite.engine import Events
+
+    evaluator.add_event_handler(Events.ITERATION_COMPLETED, note_errors)
     evaluator.run()
+    if dist:  # every rank saw its shard's failures; rank 0 writes them all
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, errors)
+        errors = {k: v for p in parts for k, v in (p or {}).items()}
+    by_index = {int(r.get("index", i)): r for i, r in enumerate(records)}
+    skipped = [{"index": k, "file": by_index.get(k, {}).get("image"), "reason": errors[k]} for k in sorted(errors)]
     return {
         "arrays": collector.last,
         "mean_auc": float(evaluator.state.metrics["mean_auc"]),
         "overlays": overlays.samples,
+        "skipped": skipped,
     }
+
+
+def _reason(e: BaseException, record: Mapping) -> str:
+    return load_error_message(e, record.get("image"))
+
+
+def _write_skipped(path: str, skipped: Sequence[Mapping]) -> str:
+    """``skipped.csv``: columns :data:`SKIPPED_COLUMNS`, the header even when nothing was skipped."""
+    rows = [{k: clean_str(s.get(k, "")) for k in SKIPPED_COLUMNS} for s in skipped]
+    return write_text_atomic(path, rows_to_csv(rows) if rows else ",".join(SKIPPED_COLUMNS) + "\r\n")
 
 
 def _metadata_columns(records, index) -> dict[str, list]:
@@ -98,7 +183,7 @@ def _metadata_columns(records, index) -> dict[str, list]:
     for i in index:
         r = records[int(i)]
         for k in cols:
-            cols[k].append(r.get(k))
+            cols[k].append(clean_str(r.get(k)))
     return cols
 
 
@@ -164,94 +249,159 @@ def evaluate(
                 "age_scheme": age_scheme,
             }
         )
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if ckpt_path:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # rank 0 writes the best model; the others must not read it before it exists
-        load_checkpoint(network, ckpt_path)
-    network = network.to(device)
-    val = None
-    summary: dict = {}
-    if threshold.startswith("val_") or threshold_split in datalist:
-        # the validation split gives the thresholds (val_* methods) and the checkpoint's validation AUC,
-        # which is what model selection (e.g. the study's best p) should use instead of a test split
-        val_records = split_records(datalist, threshold_split)
-        got = collect_split(network, val_records, preprocessing, device, batch_size, num_workers, amp, 0)
-        val = (got["arrays"]["label"], got["arrays"]["pred"])
-        if is_rank0():  # beside summary.json, not in it: summary.json lists evaluated (test) splits only
-            selection = {"split": threshold_split, "n": int(len(got["arrays"]["index"])), "mean_auc": got["mean_auc"]}
-            write_json_atomic(os.path.join(output_dir, "model_selection.json"), selection, indent=None)
-        if mlflow_logger is not None and _finite(got["mean_auc"]):
-            mlflow_logger.log_metrics({f"{threshold_split}_mean_auc": got["mean_auc"]})
-    for split in splits:
-        records = split_records(datalist, split)
-        logger.info(f"evaluating {split} ({len(records)} images)")
-        got = collect_split(network, records, preprocessing, device, batch_size, num_workers, amp, n_overlays)
-        if not is_rank0():
-            continue
-        arrays = got["arrays"]
-        groups, pids = groups_for_records(records, arrays["index"], attributes, age_scheme)
-        report = M.fairness_report(
-            arrays["label"],
-            arrays["pred"],
-            groups=groups,
-            classes=classes,
-            patient_id=pids,
-            threshold=threshold,
-            val=val,
-            n_boot=n_boot,
-            min_count=min_count,
-            seed=seed,
-        )
-        if "hit" in arrays:
-            # per-pair values were computed during collection (bundle.metrics.PredictionCollection);
-            # pair_metric_report adds per-class / per-subgroup summaries with patient-clustered bootstrap CIs.
-            report["alignment"] = {
-                name: M.pair_metric_report(
-                    arrays[key], arrays["label"], classes, groups, pids, n_boot, seed, name=name, min_count=min_count
+    try:
+        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if ckpt_path:
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.barrier()  # rank 0 writes the best model; the others must not read it before it exists
+            load_checkpoint(network, ckpt_path)
+        network = network.to(device)
+        val = None
+        summary: dict = {}
+        if threshold.startswith("val_") or threshold_split in datalist:
+            # the validation split gives the thresholds (val_* methods) and the checkpoint's validation AUC,
+            # which is what model selection (e.g. the study's best p) should use instead of a test split
+            val_records = split_records(datalist, threshold_split)
+            got = collect_split(network, val_records, preprocessing, device, batch_size, num_workers, amp, 0)
+            if not got["arrays"]:
+                raise RuntimeError(
+                    f"none of the {len(val_records)} images of the {threshold_split!r} split could be loaded, so no "
+                    f"threshold can be chosen on it (first: {got['skipped'][0]['file']}: {got['skipped'][0]['reason']})"
+                    if got["skipped"]
+                    else f"the {threshold_split!r} split is empty: no threshold can be chosen on it"
                 )
-                for key, name in (("hit", "hit_rate"), ("iou", "miou"), ("mass", "attention_mass_in_mask"))
-                if key in arrays
-            }
-        out = os.path.join(output_dir, split)
-        thresholds = [report["thresholds"][c]["value"] for c in classes]
-        write_json_atomic(os.path.join(out, "fairness_report.json"), report, indent=1)
-        write_text_atomic(os.path.join(out, "fairness_report.csv"), rows_to_csv(M.report_to_rows(report)))
-        age_lab = list(
-            M.age_groups(
-                [r if r is not None else np.nan for r in _metadata_columns(records, arrays["index"])["age"]],
-                scheme=age_scheme,
+            val = (got["arrays"]["label"], got["arrays"]["pred"])
+            if is_rank0():  # beside summary.json, not in it: summary.json lists evaluated (test) splits only
+                _warn_skipped(threshold_split, got["skipped"])
+                if got["skipped"]:  # <output_dir>/<threshold_split>/skipped.csv only when some failed
+                    _write_skipped(os.path.join(output_dir, threshold_split, "skipped.csv"), got["skipped"])
+                selection = {
+                    "split": threshold_split,
+                    "n": int(len(got["arrays"]["index"])),
+                    "n_skipped": len(got["skipped"]),
+                    "mean_auc": got["mean_auc"],
+                }
+                write_json_atomic(
+                    os.path.join(output_dir, "model_selection.json"),
+                    strict_json(selection),
+                    indent=None,
+                    allow_nan=False,
+                )
+            if mlflow_logger is not None and _finite(got["mean_auc"]):
+                mlflow_logger.log_metrics({f"{threshold_split}_mean_auc": got["mean_auc"]})
+        for split in splits:
+            records = split_records(datalist, split)
+            logger.info(f"evaluating {split} ({len(records)} images)")
+            got = collect_split(network, records, preprocessing, device, batch_size, num_workers, amp, n_overlays)
+            if not is_rank0():
+                continue
+            arrays, skipped, out = got["arrays"], got["skipped"], os.path.join(output_dir, split)
+            _warn_skipped(split, skipped)
+            _write_skipped(os.path.join(out, "skipped.csv"), skipped)
+            if not arrays or not len(arrays["index"]):
+                summary[split] = _failed_split(split, out, records, skipped, classes)
+                if mlflow_logger is not None:
+                    mlflow_logger.log_metrics({f"{split}_n_skipped": len(skipped)})
+                    mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
+                continue
+            groups, pids = groups_for_records(records, arrays["index"], attributes, age_scheme)
+            report = M.fairness_report(
+                arrays["label"],
+                arrays["pred"],
+                groups=groups,
+                classes=classes,
+                patient_id=pids,
+                threshold=threshold,
+                val=val,
+                n_boot=n_boot,
+                min_count=min_count,
+                seed=seed,
             )
-        )
-        write_text_atomic(
-            os.path.join(out, "predictions.csv"), _predictions_csv(records, classes, arrays, thresholds, age_lab)
-        )
-        pngs = plots.group_metric_plots(report, os.path.join(out, "plots"), title=split)
-        if got["overlays"]:
-            pngs.append(
-                plots.attention_overlays(
-                    got["overlays"],
-                    classes,
-                    os.path.join(out, "plots", "attention_overlays.png"),
-                    title=f"{split}: attention on positive, annotated findings",
+            if "hit" in arrays:
+                # per-pair values were computed during collection (bundle.metrics.PredictionCollection);
+                # pair_metric_report adds per-class / per-subgroup summaries with patient-clustered bootstrap CIs.
+                report["alignment"] = {
+                    name: M.pair_metric_report(
+                        arrays[key],
+                        arrays["label"],
+                        classes,
+                        groups,
+                        pids,
+                        n_boot,
+                        seed,
+                        name=name,
+                        min_count=min_count,
+                    )
+                    for key, name in (("hit", "hit_rate"), ("iou", "miou"), ("mass", "attention_mass_in_mask"))
+                    if key in arrays
+                }
+            thresholds = [report["thresholds"][c]["value"] for c in classes]
+            write_json_atomic(
+                os.path.join(out, "fairness_report.json"),
+                strict_json({**report, "n_skipped": len(skipped)}),
+                indent=1,
+                allow_nan=False,
+            )
+            rows = [{k: clean_str(v) for k, v in r.items()} for r in M.report_to_rows(report)]
+            write_text_atomic(os.path.join(out, "fairness_report.csv"), rows_to_csv(rows))
+            age_lab = list(
+                M.age_groups(
+                    [r if r is not None else np.nan for r in _metadata_columns(records, arrays["index"])["age"]],
+                    scheme=age_scheme,
                 )
             )
-        flat = M.flatten_for_mlflow(report, prefix=f"{split}_")
-        flat[f"{split}_mean_auc"] = got["mean_auc"]
-        if "hit" in arrays:
-            flat[f"{split}_hit_rate"] = nanmean_or_nan(arrays["hit"])
-            flat[f"{split}_attn_mass"] = nanmean_or_nan(arrays["mass"])
-        summary[split] = {"report_dir": out, "n": int(len(arrays["index"])), **flat}
-        if mlflow_logger is not None:
-            mlflow_logger.log_metrics({k: v for k, v in flat.items() if _finite(v)})
-            mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
-    if is_rank0():
-        write_json_atomic(os.path.join(output_dir, "summary.json"), summary, indent=1)
-        if mlflow_logger is not None:
-            mlflow_logger.log_artifact(os.path.join(output_dir, "summary.json"), artifact_path="evaluation")
-            if own_run:
-                mlflow_logger.close()
+            write_text_atomic(
+                os.path.join(out, "predictions.csv"), _predictions_csv(records, classes, arrays, thresholds, age_lab)
+            )
+            pngs = plots.group_metric_plots(report, os.path.join(out, "plots"), title=split)
+            if got["overlays"]:
+                pngs.append(
+                    plots.attention_overlays(
+                        got["overlays"],
+                        classes,
+                        os.path.join(out, "plots", "attention_overlays.png"),
+                        title=f"{split}: attention on positive, annotated findings",
+                    )
+                )
+            flat = M.flatten_for_mlflow(report, prefix=f"{split}_")
+            flat[f"{split}_mean_auc"] = got["mean_auc"]
+            if "hit" in arrays:
+                flat[f"{split}_hit_rate"] = nanmean_or_nan(arrays["hit"])
+                flat[f"{split}_attn_mass"] = nanmean_or_nan(arrays["mass"])
+            flat[f"{split}_n_skipped"] = len(skipped)
+            summary[split] = {"report_dir": out, "n": int(len(arrays["index"])), **flat}
+            if mlflow_logger is not None:
+                mlflow_logger.log_metrics({k: v for k, v in flat.items() if _finite(v)})
+                mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
+        if is_rank0():
+            write_json_atomic(os.path.join(output_dir, "summary.json"), strict_json(summary), indent=1, allow_nan=False)
+            if mlflow_logger is not None:
+                mlflow_logger.log_artifact(os.path.join(output_dir, "summary.json"), artifact_path="evaluation")
+    finally:  # the run this call opened is closed even when the evaluation fails (never left RUNNING)
+        if own_run:
+            mlflow_logger.close()
     return summary
+
+
+def _warn_skipped(split: str, skipped: Sequence[Mapping]) -> None:
+    for s in skipped:
+        logger.warning(f"evaluation: {split}: skipped {clean_str(s['file'])}: {clean_str(s['reason'])}")
+
+
+def _failed_split(split: str, out: str, records, skipped: Sequence[Mapping], classes) -> dict:
+    """Report of a split none of whose files could be loaded (or that is empty): says so, no metrics."""
+    why = (
+        f"none of the {len(records)} files of the split could be loaded; the reasons are in skipped.csv"
+        if records
+        else "the split has no images"
+    )
+    logger.error(f"evaluation: {split}: no report: {why}")
+    report = {"split": split, "n": 0, "n_skipped": len(skipped), "classes": list(classes), "error": why}
+    write_json_atomic(os.path.join(out, "fairness_report.json"), strict_json(report), indent=1, allow_nan=False)
+    write_text_atomic(os.path.join(out, "fairness_report.csv"), rows_to_csv([{"split": split, "error": why}]))
+    head = ["index", "image", "patient_id", "sex", "age", "dataset", "view", "age_group"]
+    write_text_atomic(os.path.join(out, "predictions.csv"), ",".join(head) + "\r\n")
+    return {"report_dir": out, "n": 0, f"{split}_n_skipped": len(skipped), "error": clean_str(why)}
 
 
 def _finite(v) -> bool:

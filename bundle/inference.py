@@ -37,6 +37,7 @@ __all__ = [
     "scan_inputs",
     "write_skipped",
     "SkipFailedDataset",
+    "load_error_message",
     "maps_to_original",
     "attention_peaks",
     "attention_affine",
@@ -256,31 +257,76 @@ class SkipFailedDataset(Dataset):
     and the engine and the network need at least one image per iteration; a few blank images cost nothing.
     Every item gets ``error`` ("" when it loaded) and, in the placeholder, ``image`` (1, S, S) zeros, ``index``
     and a ``letterbox`` of the same type as Letterboxd's, so the batch collates as usual.
+
+    For other preprocessing chains (the evaluation's, with labels and masks): ``template`` is one item the
+    transform produced; the placeholder is then a copy of it with every tensor / array zeroed (same keys, shapes
+    and dtypes, so it collates with loaded items). ``failed_key`` (e.g. ``"failed"``) adds a per-sample flag,
+    False when loaded and True for a placeholder, that travels with the batch so metrics can drop the placeholders.
     """
 
-    def __init__(self, data: Sequence, transform=None, image_size: int = 96) -> None:
+    def __init__(
+        self,
+        data: Sequence,
+        transform=None,
+        image_size: int = 96,
+        template: Mapping | None = None,
+        failed_key: str | None = None,
+    ) -> None:
         super().__init__(data=data, transform=transform)
         self.image_size = int(image_size)
+        self.template = dict(template) if template is not None else None
+        self.failed_key = failed_key
 
     def _transform(self, index: int):
         try:
             item = dict(super()._transform(index))
             item["error"] = ""
+            if self.failed_key:
+                item[self.failed_key] = False
             return item
         except Exception as e:
             rec = self.data[index]
-            err = e  # MONAI wraps a transform's error: report the loader's own (it names the problem and the fix)
-            while not isinstance(err, CXRLoadError) and err.__cause__ is not None:
-                err = err.__cause__
+            item = self._placeholder(rec, index)
+            item["error"] = load_error_message(e, rec.get("image"))
+            if self.failed_key:
+                item[self.failed_key] = True
+            return item
+
+    def _placeholder(self, rec: Mapping, index: int) -> dict:
+        if self.template is None:
             s = self.image_size
             return {
                 "image": torch.zeros((1, s, s), dtype=torch.float32),
                 "index": rec.get("index", index),
                 "letterbox": letterbox_params(1, 1, s),
-                "error": (
-                    str(err) if isinstance(err, CXRLoadError) else f"{rec.get('image')}: {type(err).__name__}: {err}"
-                ),
             }
+        item = {k: _blank_like(v) for k, v in self.template.items() if k not in ("error", self.failed_key)}
+        item["index"] = rec.get("index", index)
+        return item
+
+
+def _blank_like(v):
+    """A zero value of ``v``'s type and shape (tensors, arrays, numbers); "" for strings; other values as they are."""
+    if isinstance(v, torch.Tensor):
+        return torch.zeros_like(v.as_tensor() if hasattr(v, "as_tensor") else v)
+    if isinstance(v, np.ndarray):
+        return np.zeros_like(v)
+    if isinstance(v, (bool, np.bool_)):
+        return False
+    if isinstance(v, (int, float, np.number)):
+        return type(v)(0)
+    if isinstance(v, str):
+        return ""
+    return v
+
+
+def load_error_message(e: BaseException, path=None) -> str:
+    """The reason an item failed to load: the loader's own message (``CXRLoadError``, which names the problem and
+    the fix; MONAI wraps a transform's error, so the chain of causes is searched), else ``path: Type: message``."""
+    err = e
+    while not isinstance(err, CXRLoadError) and err.__cause__ is not None:
+        err = err.__cause__
+    return str(err) if isinstance(err, CXRLoadError) else f"{path}: {type(err).__name__}: {err}"
 
 
 # ------------------------------------------------------------------------------------------ original geometry

@@ -19,8 +19,9 @@ def batch_output(output):
 
 
 class CollectionMetricHandler(IgniteMetricHandler):
-    """Feeds ``pred``, ``label``, ``index`` and, when present, ``attn``, ``attn_mask``, ``attn_available`` of the
-    (non-decollated) engine output to ``metric_fn``; ``compute`` is ``metric_fn.aggregate()``.
+    """Feeds ``pred``, ``label``, ``index`` and, when present, ``attn``, ``attn_mask``, ``attn_available`` and
+    ``failed`` (placeholders of files that failed to load, left out) of the (non-decollated) engine output to
+    ``metric_fn``; ``compute`` is ``metric_fn.aggregate()``.
 
     MONAI's ``IgniteMetricHandler.update`` passes ``(y_pred, y)`` only, so ``update`` is the one override.
     """
@@ -38,6 +39,7 @@ class CollectionMetricHandler(IgniteMetricHandler):
             attn=output.get("attn"),
             attn_mask=output.get("attn_mask"),
             attn_available=output.get("attn_available"),
+            failed=output.get("failed"),
         )
 
     @property

@@ -78,17 +78,28 @@ class PredictionCollection(Metric):
         attn: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         attn_available: torch.Tensor | None = None,
+        failed: torch.Tensor | Sequence[bool] | None = None,
     ) -> None:
-        """Add one batch: ``y_pred`` (B, C) probabilities, ``y`` (B, C) labels, ``index`` (B,) record positions."""
+        """Add one batch: ``y_pred`` (B, C) probabilities, ``y`` (B, C) labels, ``index`` (B,) record positions.
+
+        ``failed`` (B,) marks placeholder samples (files that failed to load, ``bundle.inference.SkipFailedDataset``
+        with ``failed_key="failed"``): they are left out of every collected array.
+        """
         n = y_pred.shape[0]
         if index is None:
             raise ValueError("PredictionCollector needs 'index' in the batch (each record's position in its split)")
-        self.collector.add("index", torch.as_tensor(index).reshape(n).long())
-        self.collector.add("pred", y_pred.float())
-        self.collector.add("label", y.float())
+        keep = None
+        if failed is not None:
+            keep = ~torch.as_tensor(failed).reshape(n).to(device=y_pred.device, dtype=torch.bool)
+        values = {
+            "index": torch.as_tensor(index).reshape(n).long(),
+            "pred": y_pred.float(),
+            "label": y.float(),
+        }
         if self.alignment and attn is not None and attn_mask is not None:
-            for key, value in pair_alignment(attn, attn_mask, attn_available).items():
-                self.collector.add(key, value)
+            values.update(pair_alignment(attn, attn_mask, attn_available))
+        for key, value in values.items():
+            self.collector.add(key, value if keep is None else value[keep.to(value.device)])
 
     def aggregate(self):
         d = self.collector.gather()
