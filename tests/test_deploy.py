@@ -51,12 +51,14 @@ def tiny_model(tmp_path_factory) -> str:
 
     parser = ConfigParser()
     parser.read_config(os.path.join(ROOT, "configs", "inference.yaml"))
+    folder = tmp_path_factory.mktemp("model")
     parser["bundle_root"] = ROOT
+    parser["ckpt_path"] = str(folder / "absent.pt")  # build from the config's sizes, whatever the repo's models/ holds
     parser["image_size"] = 64
     parser["network_def#vit_layers"] = 2
     torch.manual_seed(0)
     net = parser.get_parsed_content("network_def")
-    path = str(tmp_path_factory.mktemp("model") / "model.pt")
+    path = str(folder / "model.pt")
     torch.save(net.state_dict(), path)
     return path
 
