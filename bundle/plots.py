@@ -55,6 +55,18 @@ def attention_overlays(
     return save_figure_atomic(path, fig)
 
 
+def blend_heatmap(grey: np.ndarray, heat: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """(H, W) grey in [0, 1] and an (H, W) map -> (H, W, 3) uint8 RGB: the map min-max scaled through matplotlib's
+    jet colour map, blended over the grey image with opacity ``alpha`` (inference overlays and the Deploy SC)."""
+    from matplotlib import colormaps
+
+    heat = np.asarray(heat, dtype=np.float32)
+    heat = heat - heat.min()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    rgb = np.asarray(grey, dtype=np.float32)[..., None] * (1 - alpha) + colormaps["jet"](heat)[..., :3] * alpha
+    return (rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 def attention_overlay_original(
     image: np.ndarray,
     maps,
@@ -74,7 +86,6 @@ def attention_overlay_original(
     PIL composes and writes the pixels: a matplotlib figure cannot guarantee an exact pixel size (its canvas
     size is figsize * dpi, truncated), and the overlay must match the original pixel for pixel.
     """
-    from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
     from bundle.utils.atomic import atomic_path
@@ -82,15 +93,11 @@ def attention_overlay_original(
     grey = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
     h, w = grey.shape
     maps = np.asarray(maps, dtype=np.float32)
-    jet = colormaps["jet"]
     strip = Image.new("RGB", (w * len(classes), h))
     font = ImageFont.load_default(size=max(10, h // 40))
     arm, lw = max(3, min(h, w) // 40), max(1, min(h, w) // 200)
     for k, name in enumerate(classes):
-        m = maps[k] - maps[k].min()
-        m = m / m.max() if m.max() > 0 else m
-        rgb = grey[..., None] * (1 - alpha) + jet(m)[..., :3].astype(np.float32) * alpha
-        panel = Image.fromarray((rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8), mode="RGB")
+        panel = Image.fromarray(blend_heatmap(grey, maps[k], alpha), mode="RGB")
         draw = ImageDraw.Draw(panel)
         r, c = (int(v) for v in peaks[k])
         draw.line([(c - arm, r), (c + arm, r)], fill=(255, 255, 255), width=lw)

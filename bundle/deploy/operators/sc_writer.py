@@ -4,21 +4,17 @@ referencing the source image and series."""
 
 from __future__ import annotations
 
-import logging
-import os
-
 import highdicom as hd
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.deploy.core import Fragment, Operator, OperatorSpec
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from bundle.deploy.operators.writer import PerImageWriterOperator
+from bundle.plots import blend_heatmap
 from bundle.transforms import load_cxr
-
-logger = logging.getLogger(__name__)
 
 ALPHA = 0.35  # heatmap opacity, as in the bundle's overlay figures (bundle/plots.py)
 
@@ -31,16 +27,6 @@ def unletterbox_map(attn: np.ndarray, letterbox, out_hw) -> np.ndarray:
     crop = torch.as_tensor(attn[int(top) : int(top) + nh, int(left) : int(left) + nw], dtype=torch.float32)
     up = F.interpolate(crop[None, None], size=tuple(int(v) for v in out_hw), mode="bilinear", align_corners=False)
     return up[0, 0].numpy()
-
-
-def overlay(grey: np.ndarray, heat: np.ndarray) -> np.ndarray:
-    """(H, W) grey in [0, 1] and a heatmap -> (H, W, 3) uint8 RGB with the jet colour map."""
-    from matplotlib import colormaps
-
-    heat = heat - heat.min()
-    heat = heat / heat.max() if heat.max() > 0 else heat
-    rgb = np.repeat(grey[..., None], 3, axis=-1) * (1 - ALPHA) + colormaps["jet"](heat)[..., :3] * ALPHA
-    return (rgb.clip(0, 1) * 255 + 0.5).astype(np.uint8)
 
 
 def references(src) -> dict:
@@ -63,7 +49,7 @@ def build_sc(result: dict, series_uid: str, instance_number: int) -> hd.sc.SCIma
     orientation = src.get("PatientOrientation") or ["L", "F"]
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=src,
-        pixel_array=overlay(grey, heat),
+        pixel_array=blend_heatmap(grey, heat, ALPHA),
         photometric_interpretation="RGB",
         bits_allocated=8,
         coordinate_system="PATIENT",
@@ -84,27 +70,10 @@ def build_sc(result: dict, series_uid: str, instance_number: int) -> hd.sc.SCIma
     return sc
 
 
-class HeatmapSCWriterOperator(Operator):
+class HeatmapSCWriterOperator(PerImageWriterOperator):
     """Input ``results``; writes ``<output_folder>/<SOPInstanceUID>.dcm``, one SC series per source series."""
 
-    def __init__(self, fragment: Fragment, *args, output_folder, **kwargs):
-        self.output_folder = str(output_folder)
-        super().__init__(fragment, *args, **kwargs)
+    kind = "Overlay"
 
-    def setup(self, spec: OperatorSpec):
-        spec.input("results")
-
-    def compute(self, op_input, op_output, context):
-        results = op_input.receive("results") or []
-        os.makedirs(self.output_folder, exist_ok=True)
-        series_uids: dict[str, str] = {}
-        for number, result in enumerate(results, start=1):
-            series_uid = series_uids.setdefault(str(result["dataset"].SeriesInstanceUID), generate_uid())
-            try:
-                sc = build_sc(result, series_uid, number)
-                path = os.path.join(self.output_folder, f"{sc.SOPInstanceUID}.dcm")
-                sc.save_as(path, enforce_file_format=True)
-            except Exception as e:  # one bad image must not cost the others their overlays
-                logger.warning(f"No overlay for {result['path']}: {type(e).__name__}: {e}")
-                continue
-            logger.info(f"Overlay for {result['path']} saved in {path}")
+    def build(self, result: dict, series_uid: str, number: int):
+        return build_sc(result, series_uid, number)

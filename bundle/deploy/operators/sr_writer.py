@@ -9,17 +9,14 @@ algorithm identification and the Contributing Equipment Sequence, as the SDK's M
 
 from __future__ import annotations
 
-import logging
-import os
-
 import highdicom as hd
-from monai.deploy.core import Fragment, Operator, OperatorSpec
+from monai.deploy.core import Fragment
 from monai.deploy.operators.dicom_utils import ModelInfo
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-logger = logging.getLogger(__name__)
+from bundle.deploy.operators.writer import PerImageWriterOperator
 
 SCHEME = "99CXRAF"  # private coding scheme of this bundle's findings
 PROBABILITY_UNIT = hd.sr.CodedConcept("1", "UCUM", "no units")
@@ -100,29 +97,14 @@ def build_sr(result: dict, model: ModelInfo, series_uid: str, instance_number: i
     return sr
 
 
-class FindingsSRWriterOperator(Operator):
+class FindingsSRWriterOperator(PerImageWriterOperator):
     """Input ``results``; writes ``<output_folder>/<SOPInstanceUID>.dcm``, one SR series per source series."""
 
+    kind = "SR"
+
     def __init__(self, fragment: Fragment, *args, output_folder, model_info: ModelInfo, **kwargs):
-        self.output_folder = str(output_folder)
         self.model_info = model_info
-        super().__init__(fragment, *args, **kwargs)
+        super().__init__(fragment, *args, output_folder=output_folder, **kwargs)
 
-    def setup(self, spec: OperatorSpec):
-        spec.input("results")
-
-    def compute(self, op_input, op_output, context):
-        results = op_input.receive("results") or []
-        os.makedirs(self.output_folder, exist_ok=True)
-        series_uids: dict[str, str] = {}
-        for number, result in enumerate(results, start=1):
-            src_series = str(result["dataset"].SeriesInstanceUID)
-            series_uid = series_uids.setdefault(src_series, generate_uid())
-            try:
-                sr = build_sr(result, self.model_info, series_uid, number)
-                path = os.path.join(self.output_folder, f"{sr.SOPInstanceUID}.dcm")
-                sr.save_as(path, enforce_file_format=True)
-            except Exception as e:  # one bad dataset must not cost the others their reports
-                logger.warning(f"No SR for {result['path']}: {type(e).__name__}: {e}")
-                continue
-            logger.info(f"SR for {result['path']} saved in {path}")
+    def build(self, result: dict, series_uid: str, number: int):
+        return build_sr(result, self.model_info, series_uid, number)
