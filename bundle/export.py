@@ -198,6 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, rest = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ckpt = args.ckpt_file
+    if not os.path.isfile(ckpt):
+        raise SystemExit(
+            f"checkpoint {ckpt} not found: train first (python -m monai.bundle run training --config_file "
+            "configs/train.yaml) or pass --ckpt_file /path/to/model.pt"
+        )
     if args.write_config:
         path = write_config_from_yaml(
             ckpt, args.config_file or os.path.join(_ROOT, "configs", "train.yaml"), _parse_overrides(rest)

@@ -293,3 +293,11 @@ def test_exports_match_eager_on_real_size_dicoms(tmp_path):
     assert max(diffs["ts"]) <= ATOL, diffs
     if "onnx" in diffs:
         assert max(diffs["onnx"]) <= ATOL, diffs
+
+
+def test_export_script_names_a_missing_checkpoint(tmp_path):
+    from bundle.export import main
+
+    missing = str(tmp_path / "model.pt")
+    with pytest.raises(SystemExit, match=r"checkpoint .*model\.pt not found: train first"):
+        main(["--ckpt_file", missing])
