@@ -115,8 +115,9 @@ def test_profiles_and_overrides(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     quick = load_study_config(STUDY_YAML, profile="quick")
     assert quick.name == "quick" and quick.study_dir.endswith(os.path.join("results", "quick"))
-    assert [s.id for s in quick.settings] == ["p0.00", "p0.25", "p0.50", "p0.75", "p1.00", "random_p1.00"]
-    assert len(quick.runs) == len(quick.seeds) * 6 and "max_epochs" in quick.train_overrides
+    ratios = [f"ratio{r}_p{p}" for r in ("0.25", "0.50", "0.75") for p in ("0.00", "1.00")]
+    assert [s.id for s in quick.settings] == ["p0.00", "p0.25", "p0.50", "p0.75", "p1.00", "random_p1.00"] + ratios
+    assert len(quick.runs) == len(quick.seeds) * 12 and "max_epochs" in quick.train_overrides
     assert quick.tracking_uri == "sqlite:///" + os.path.join(quick.study_dir, "mlruns.db")
     paper = load_study_config(STUDY_YAML, profile="paper")
     assert [os.path.basename(p) for p in paper.train_config] == ["train.yaml", "paper.yaml"]
