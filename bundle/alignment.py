@@ -2,7 +2,8 @@
 
 - alignment fraction p: a seeded share of the training samples whose human masks feed L_AL. The
   subsets are nested (prefixes of one seeded permutation of the images), so p = .25 lies inside p = .5
-  and levels differ only in p.
+  and levels differ only in p. ``alignment_fraction_of``: p of all training images ("all", the default
+  reading of the paper) or of the images that carry a human mask on a positive finding ("annotated").
 - random alignment (ablation): the human masks of the aligned pairs are replaced, every epoch, by
   random shapes at random positions with the same area as the mask they replace (so the area
   distribution equals the real one exactly).
@@ -20,9 +21,23 @@ from monai.transforms import MapTransform, Randomizable
 
 from bundle.data.splits import nested_patient_subset, subsample_patients
 
-__all__ = ["prepare_training_records", "AlignFlagsd", "RandomAttentiond", "random_shape_mask"]
+__all__ = ["prepare_training_records", "has_annotated_positive", "AlignFlagsd", "RandomAttentiond", "random_shape_mask"]
 
 ALIGN_SUBSET_KEY = "in_align_subset"
+FRACTION_OF = ("all", "annotated")
+
+
+def has_annotated_positive(record: Mapping, classes: Sequence[str] | None = None) -> bool:
+    """Whether ``record`` has a human localisation (``attention`` entry) on a class it is positive for.
+
+    Without ``classes`` (the label order) any attention entry counts (datalists put them on positives only; a mask on
+    a negative is a validation warning)."""
+    entries = [a for a in (record.get("attention") or []) if isinstance(a, Mapping)]
+    if classes is None:
+        return bool(entries)
+    label = np.asarray(record.get("label", []), dtype=float).reshape(-1)
+    positive = {str(c) for c, y in zip(classes, label, strict=False) if y == 1}
+    return any(str(a.get("class")) in positive for a in entries)
 
 
 def prepare_training_records(
@@ -30,20 +45,35 @@ def prepare_training_records(
     data_ratio: float = 1.0,
     alignment_fraction: float = 1.0,
     seed: int = 0,
+    alignment_fraction_of: str = "all",
+    classes: Sequence[str] | None = None,
 ) -> list[dict]:
     """Apply the training data ratio (patient level) and mark the alignment subset (sample level).
 
     Both draws are seeded and nested. Returns shallow copies of the records with
     ``in_align_subset`` (bool) added; the input is left unchanged.
+
+    ``alignment_fraction_of``: "all" (default): p of all kept training images are in the subset (images without a
+    human mask in it contribute no L_AL); "annotated": p of the kept images that have a human mask on a positive
+    finding (``has_annotated_positive``; ``classes`` = the label order), exactly round(p * n) of them, the others
+    never. Both are prefixes of one seeded permutation, so the subsets are nested across p.
     """
     if not 0.0 < data_ratio <= 1.0:
         raise ValueError(f"data_ratio must be in (0, 1], got {data_ratio}: it is the share of training patients kept")
     if not 0.0 <= alignment_fraction <= 1.0:
         raise ValueError(f"alignment_fraction (p) must be in [0, 1], got {alignment_fraction}")
+    if alignment_fraction_of not in FRACTION_OF:
+        raise ValueError(f"alignment_fraction_of={alignment_fraction_of!r}: use one of {FRACTION_OF}")
     kept = subsample_patients(records, data_ratio, seed=seed) if data_ratio < 1.0 else list(records)
     # Sample level (key = image path): p is "the share of the samples whose human masks are used".
     # A different seed stream than the data ratio, so the two draws are independent.
-    selected = nested_patient_subset(kept, alignment_fraction, seed=seed + 7919, key="image")
+    if alignment_fraction_of == "all":
+        selected = nested_patient_subset(kept, alignment_fraction, seed=seed + 7919, key="image")
+    else:
+        eligible = [i for i, r in enumerate(kept) if has_annotated_positive(r, classes)]
+        chosen = nested_patient_subset([kept[i] for i in eligible], alignment_fraction, seed=seed + 7919, key="image")
+        selected = np.zeros(len(kept), dtype=bool)
+        selected[[i for i, c in zip(eligible, chosen, strict=True) if c]] = True
     out = []
     for rec, sel in zip(kept, selected, strict=True):
         r = dict(rec)

@@ -7,15 +7,20 @@ This module is the single home of the demographic semantics: the datalist loader
 
 Every labelling function returns plain ``str`` labels (object arrays) so reports stay JSON-serialisable, and
 maps anything it cannot interpret to ``"unknown"`` (reported, counted, excluded from gaps) instead of dropping it.
+
+Records whose datalist entry lacks sex or age get them from the image's DICOM header (:func:`fill_demographics`, with
+the header reader passed in: this module imports nothing of the bundle); ages may come from PatientBirthDate and the
+study date (:func:`age_from_dates`). The datalist wins when it knows the value; each record says where its came from.
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import math
 import numbers
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,6 +40,11 @@ __all__ = [
     "clean_labels",
     "demographic_groups",
     "natural_key",
+    "SOURCES",
+    "dicom_date",
+    "age_from_dates",
+    "fill_demographics",
+    "demographics_counts",
 ]
 
 UNKNOWN = "unknown"
@@ -235,3 +245,90 @@ def natural_key(label: str):
     parts = re.split(r"(-?\d+(?:\.\d+)?)", str(label))
     key = tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts) if p != "")
     return (label == UNKNOWN, key)
+
+
+# ------------------------------------------------------------------------------------- record demographics
+#: where a record's sex / age came from (the ``sex_source`` / ``age_source`` of :func:`fill_demographics`)
+SOURCES = ("datalist", "dicom", "dicom_birth_date", "unknown")
+
+
+def dicom_date(value) -> datetime.date | None:
+    """A DICOM DA value ("20240131"; the old ACR-NEMA "2024.01.31" and "2024-01-31" too; a ``datetime.date``; the
+    first 8 digits of a DT) -> date, or None when missing or not a real date. Never raises."""
+    if isinstance(value, datetime.date):
+        return value if not isinstance(value, datetime.datetime) else value.date()
+    if _is_missing(value) or not isinstance(value, str | bytes):
+        return None
+    s = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    digits = re.sub(r"[.\-\s]", "", s)[:8]
+    if len(digits) != 8 or not digits.isdigit():
+        return None
+    try:
+        return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:8]))
+    except ValueError:
+        return None
+
+
+def age_from_dates(birth, on) -> float | None:
+    """Age in years on date ``on`` of someone born on ``birth`` (DICOM DA values or dates; :func:`dicom_date`).
+
+    Completed years, as a DICOM PatientAge "063Y" counts them (the day before the 64th birthday is 63); under one
+    year, the fraction days / 365.25 (as "006M" is 0.5). None when a date is missing or unparsable, the birth is
+    after ``on``, or the age is outside [AGE_MIN, AGE_MAX] (e.g. anonymisers' 1900-01-01 birth dates). Never raises.
+    """
+    b, d = dicom_date(birth), dicom_date(on)
+    if b is None or d is None or b > d:
+        return None
+    years = d.year - b.year - ((d.month, d.day) < (b.month, b.day))
+    age = float(years) if years >= 1 else (d - b).days / 365.25
+    return age_years(age)
+
+
+def _safe_header(read_header: Callable | None, image) -> Mapping:
+    if read_header is None or not (isinstance(image, str | bytes) or hasattr(image, "__fspath__")):
+        return {}
+    try:
+        return read_header(image) or {}
+    except Exception:  # noqa: BLE001  (a header that cannot be read leaves the value unknown, like a missing one)
+        return {}
+
+
+def fill_demographics(records: Sequence[Mapping], read_header: Callable | None = None) -> list[dict]:
+    """Copies of ``records`` with ``sex`` ("M"/"F"/"unknown"), ``age`` (years or None) and their sources.
+
+    The datalist's value wins when it is known (:func:`sex_label` / :func:`age_years`); otherwise ``read_header(
+    record["image"])`` (e.g. :func:`bundle.transforms.io.read_dicom_demographics`, header only) may give ``sex``
+    and ``age`` (and ``age_from``: "PatientAge" or "PatientBirthDate"). The header is read at most once per record
+    and only when the record lacks one of the two. ``sex_source`` is "datalist", "dicom" or "unknown";
+    ``age_source`` is "datalist", "dicom" (PatientAge), "dicom_birth_date" (PatientBirthDate with StudyDate or
+    AcquisitionDate) or "unknown".
+    """
+    out = []
+    for r in records:
+        d = dict(r)
+        sex, age = sex_label(d.get("sex")), age_years(d.get("age"))
+        d["sex_source"] = "datalist" if sex != UNKNOWN else UNKNOWN
+        d["age_source"] = "datalist" if age is not None else UNKNOWN
+        if sex == UNKNOWN or age is None:
+            hdr = _safe_header(read_header, d.get("image"))
+            if sex == UNKNOWN and sex_label(hdr.get("sex")) != UNKNOWN:
+                sex, d["sex_source"] = sex_label(hdr.get("sex")), "dicom"
+            if age is None and age_years(hdr.get("age")) is not None:
+                age = age_years(hdr.get("age"))
+                d["age_source"] = "dicom_birth_date" if hdr.get("age_from") == "PatientBirthDate" else "dicom"
+        d["sex"], d["age"] = sex, age
+        out.append(d)
+    return out
+
+
+def demographics_counts(records: Sequence[Mapping]) -> dict[str, dict[str, int]]:
+    """``{"sex": {source: n}, "age": {source: n}}`` over records of :func:`fill_demographics` (every source of
+    :data:`SOURCES` listed, 0 included; "unknown" = records whose value is unknown)."""
+    out: dict[str, dict[str, int]] = {}
+    for a in ("sex", "age"):
+        counts = dict.fromkeys(SOURCES, 0) if a == "age" else dict.fromkeys(("datalist", "dicom", UNKNOWN), 0)
+        for r in records:
+            src = r.get(f"{a}_source", UNKNOWN)
+            counts[src] = counts.get(src, 0) + 1
+        out[a] = counts
+    return out

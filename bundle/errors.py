@@ -94,13 +94,16 @@ def fetch_target(spec: str, known: dict[str, str], default_repo: str) -> tuple[s
 
 
 def find_missing_weights(exc: BaseException | None) -> MissingWeightsError | None:
-    """The :class:`MissingWeightsError` in ``exc``'s explicit ``raise ... from`` chain (``__cause__``), if any.
+    """The :class:`MissingWeightsError` (or other error with a ``cli_message``) in ``exc``'s explicit ``raise ... from``
+    chain (``__cause__``), if any.
 
     Implicit contexts (an error raised while handling another) are not followed: there the later error is the one
     that ended the run (e.g. a failing random fallback after a missing encoder)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, MissingWeightsError):
+        # MissingWeightsError, and any other error of the bundle that says the fix in one line (a `cli_message`:
+        # run_identity's refusals of a busy output folder or of another run's checkpoint)
+        if isinstance(exc, MissingWeightsError) or callable(getattr(exc, "cli_message", None)):
             return exc
         seen.add(id(exc))
         exc = exc.__cause__

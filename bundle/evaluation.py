@@ -6,10 +6,21 @@ report with thresholds chosen on the validation split, and a report folder is wr
 
     <output_dir>/<split>/fairness_report.json   the full nested report (CIs, gaps, exclusions, thresholds)
     <output_dir>/<split>/fairness_report.csv    one row per class x attribute x group (and gap rows)
-    <output_dir>/<split>/predictions.csv        one row per image: metadata, labels, scores, decisions, hits
+    <output_dir>/<split>/predictions.csv        one row per image: metadata (sex/age with their sources), labels,
+                                                scores, decisions, hits
     <output_dir>/<split>/plots/*.png            per-group AUC with CIs; attention overlays of positives
     <output_dir>/<split>/skipped.csv            files that failed to load (file, reason); header only when none
-    <output_dir>/summary.json                   headline numbers of every split (``<split>_n_skipped`` included)
+    <output_dir>/summary.json                   headline numbers of every split (``<split>_n_skipped`` and the
+                                                counts of unknown sex / age included)
+
+Demographics: a record whose datalist entry lacks sex or age gets it from its DICOM header (PatientSex, PatientAge,
+else PatientBirthDate with StudyDate/AcquisitionDate; header only, :func:`bundle.transforms.io.read_dicom_demographics`
+via :func:`bundle.demographics.fill_demographics`); the datalist wins when it knows the value. The sources are
+counted in fairness_report.json (``demographics``) and summary.json, and a split with images of unknown sex or age
+gets a warning that says how many (they are in no sex / age gap).
+
+Identifiers: ``privacy`` (docs/privacy.md, :class:`bundle.privacy.Privacy`) pseudonymises patient ids and image paths
+or makes paths relative to ``path_root`` in every file written here (and so in MLflow); off by default.
 
 A file that fails to load (truncated DICOM, unreadable PNG: ``bundle.transforms.CXRLoadError`` or any other error of
 the preprocessing) does not stop the evaluation: it becomes a placeholder (:class:`bundle.inference.SkipFailedDataset`)
@@ -34,10 +45,13 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset, DistributedSampler
 
+from bundle.demographics import UNKNOWN, demographics_counts, fill_demographics
 from bundle.engines import BATCH_KEYS, AlignmentEvaluator, AlignmentPrepareBatch
 from bundle.handlers import MeanAUC, OverlaySampler, PredictionCollector
 from bundle.inference import SkipFailedDataset, load_error_message
 from bundle.metrics import groups_for_records, nanmean_or_nan
+from bundle.privacy import Privacy
+from bundle.transforms.io import read_dicom_demographics
 from bundle.utils.atomic import rows_to_csv, write_json_atomic, write_text_atomic
 from bundle.utils.dist import is_rank0, unwrap
 from bundle.workflow import split_records
@@ -172,32 +186,47 @@ def _reason(e: BaseException, record: Mapping) -> str:
     return load_error_message(e, record.get("image"))
 
 
-def _write_skipped(path: str, skipped: Sequence[Mapping]) -> str:
+def _write_skipped(path: str, skipped: Sequence[Mapping], privacy: Privacy | None = None) -> str:
     """``skipped.csv``: columns :data:`SKIPPED_COLUMNS`, the header even when nothing was skipped."""
-    rows = [{k: clean_str(s.get(k, "")) for k in SKIPPED_COLUMNS} for s in skipped]
+    privacy = privacy or Privacy()
+    rows = [
+        {
+            "file": clean_str(privacy.path(s.get("file", ""))),
+            "reason": clean_str(privacy.text(s.get("reason", ""), [s.get("file")])),
+        }
+        for s in skipped
+    ]
     return write_text_atomic(path, rows_to_csv(rows) if rows else ",".join(SKIPPED_COLUMNS) + "\r\n")
 
 
-def _metadata_columns(records, index) -> dict[str, list]:
-    cols = {k: [] for k in ("image", "patient_id", "sex", "age", "dataset", "view")}
+METADATA_COLUMNS = ("image", "patient_id", "sex", "age", "dataset", "view")
+SOURCE_COLUMNS = ("sex_source", "age_source")  # where sex / age came from (bundle.demographics.fill_demographics)
+
+
+def _metadata_columns(records, index, privacy: Privacy | None = None) -> dict[str, list]:
+    privacy = privacy or Privacy()
+    cols = {k: [] for k in METADATA_COLUMNS}
     for i in index:
         r = records[int(i)]
         for k in cols:
-            cols[k].append(clean_str(r.get(k)))
+            v = r.get(k)
+            v = privacy.path(v) if k == "image" else privacy.patient_id(v) if k == "patient_id" else v
+            cols[k].append(clean_str(v))
     return cols
 
 
-def _predictions_csv(records, classes, arrays, thresholds, age_group_labels) -> str:
+def _predictions_csv(records, classes, arrays, thresholds, age_group_labels, privacy: Privacy | None = None) -> str:
     idx = arrays["index"]
-    meta = _metadata_columns(records, idx)
+    meta = _metadata_columns(records, idx, privacy)
+    sources = [[records[int(i)].get(k, UNKNOWN) for k in SOURCE_COLUMNS] for i in idx]
     buf = io.StringIO()
     w = csv.writer(buf)
-    head = ["index", *meta.keys(), "age_group"]
+    head = ["index", *meta.keys(), "age_group", *SOURCE_COLUMNS]
     for c in classes:
         head += [f"label_{c}", f"score_{c}", f"decision_{c}"] + ([f"hit_{c}"] if "hit" in arrays else [])
     w.writerow(head)
     for row in range(len(idx)):
-        vals = [int(idx[row]), *(meta[k][row] for k in meta), age_group_labels[row]]
+        vals = [int(idx[row]), *(meta[k][row] for k in meta), age_group_labels[row], *sources[row]]
         for ci in range(len(classes)):
             s = float(arrays["pred"][row, ci])
             vals += [int(arrays["label"][row, ci]), f"{s:.6f}", int(s >= thresholds[ci])]
@@ -228,21 +257,26 @@ def evaluate(
     ckpt_path: str | None = None,
     n_overlays: int = 16,
     mlflow_logger=None,
+    privacy: Mapping | Privacy | None = None,
+    path_root: str | None = None,
 ) -> dict:
     """Evaluate ``network`` on ``splits``; thresholds from ``threshold_split`` (validation) for "val_*" methods.
 
     Returns ``{split: {"report_dir", "mean_auc", "hit_rate", ...}}`` (also written to summary.json).
     ``mlflow_logger`` is a started ``SafeMLFlowHandler`` (metrics and artifacts go to its run) or None.
+    ``privacy``: the config key ``privacy`` (docs/privacy.md) or a :class:`bundle.privacy.Privacy`; ``path_root``: the
+    folder written paths are relative to (the data root or the datalist's folder; None: the images' common folder).
     """
     from bundle import metrics as M
     from bundle import plots
 
     classes = list(datalist["classes"])
+    privacy = _privacy(privacy, path_root, datalist)  # before any work: a missing key fails now, not after a split
     own_run = False
     if mlflow_logger is not None and mlflow_logger.cur_run is None:
         own_run = mlflow_logger.start_standalone(
             {
-                "evaluated_checkpoint": ckpt_path,
+                "evaluated_checkpoint": _checkpoint_name(ckpt_path, privacy),
                 "splits": list(splits),
                 "threshold": threshold,
                 "n_boot": n_boot,
@@ -274,7 +308,7 @@ def evaluate(
             if is_rank0():  # beside summary.json, not in it: summary.json lists evaluated (test) splits only
                 _warn_skipped(threshold_split, got["skipped"])
                 if got["skipped"]:  # <output_dir>/<threshold_split>/skipped.csv only when some failed
-                    _write_skipped(os.path.join(output_dir, threshold_split, "skipped.csv"), got["skipped"])
+                    _write_skipped(os.path.join(output_dir, threshold_split, "skipped.csv"), got["skipped"], privacy)
                 selection = {
                     "split": threshold_split,
                     "n": int(len(got["arrays"]["index"])),
@@ -297,13 +331,18 @@ def evaluate(
                 continue
             arrays, skipped, out = got["arrays"], got["skipped"], os.path.join(output_dir, split)
             _warn_skipped(split, skipped)
-            _write_skipped(os.path.join(out, "skipped.csv"), skipped)
+            _write_skipped(os.path.join(out, "skipped.csv"), skipped, privacy)
+            report_dir = os.path.relpath(out, output_dir) if privacy.active else out
             if not arrays or not len(arrays["index"]):
-                summary[split] = _failed_split(split, out, records, skipped, classes)
+                summary[split] = {**_failed_split(split, out, records, skipped, classes), "report_dir": report_dir}
                 if mlflow_logger is not None:
                     mlflow_logger.log_metrics({f"{split}_n_skipped": len(skipped)})
                     mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
                 continue
+            # sex / age from the DICOM headers where the datalist lacks them (header only; datalist values win)
+            records = _with_demographics(records, arrays["index"])
+            demo = demographics_counts([records[int(i)] for i in arrays["index"]])
+            _warn_unknown_demographics(split, demo, attributes)
             groups, pids = groups_for_records(records, arrays["index"], attributes, age_scheme)
             report = M.fairness_report(
                 arrays["label"],
@@ -338,7 +377,7 @@ def evaluate(
             thresholds = [report["thresholds"][c]["value"] for c in classes]
             write_json_atomic(
                 os.path.join(out, "fairness_report.json"),
-                strict_json({**report, "n_skipped": len(skipped)}),
+                strict_json({**report, "n_skipped": len(skipped), "demographics": demo}),
                 indent=1,
                 allow_nan=False,
             )
@@ -351,7 +390,8 @@ def evaluate(
                 )
             )
             write_text_atomic(
-                os.path.join(out, "predictions.csv"), _predictions_csv(records, classes, arrays, thresholds, age_lab)
+                os.path.join(out, "predictions.csv"),
+                _predictions_csv(records, classes, arrays, thresholds, age_lab, privacy),
             )
             pngs = plots.group_metric_plots(report, os.path.join(out, "plots"), title=split)
             if got["overlays"]:
@@ -369,7 +409,8 @@ def evaluate(
                 flat[f"{split}_hit_rate"] = nanmean_or_nan(arrays["hit"])
                 flat[f"{split}_attn_mass"] = nanmean_or_nan(arrays["mass"])
             flat[f"{split}_n_skipped"] = len(skipped)
-            summary[split] = {"report_dir": out, "n": int(len(arrays["index"])), **flat}
+            flat.update(_demographics_flat(split, demo))
+            summary[split] = {"report_dir": report_dir, "n": int(len(arrays["index"])), **flat}
             if mlflow_logger is not None:
                 mlflow_logger.log_metrics({k: v for k, v in flat.items() if _finite(v)})
                 mlflow_logger.log_artifact(out, artifact_path=f"evaluation/{split}")
@@ -381,6 +422,66 @@ def evaluate(
         if own_run:
             mlflow_logger.close()
     return summary
+
+
+def _privacy(privacy, path_root, datalist) -> Privacy:
+    """The :class:`Privacy` of this evaluation; its root is ``path_root``, else the images' common folder."""
+    privacy = Privacy.from_config(privacy, root=path_root)
+    if privacy.active and privacy.root is None:
+        images = [
+            os.path.abspath(r["image"])
+            for split, recs in datalist.items()
+            if isinstance(recs, list) and not str(split).startswith("_")
+            for r in recs
+            if isinstance(r, Mapping) and isinstance(r.get("image"), str) and r["image"]
+        ]
+        try:
+            common = os.path.commonpath(images) if images else None
+        except ValueError:  # different drives: no common folder
+            common = None
+        if common is not None and len(set(images)) == 1:
+            common = os.path.dirname(common)  # one file: its folder
+        privacy = privacy.with_root(common)
+    return privacy
+
+
+def _checkpoint_name(ckpt_path, privacy: Privacy):
+    """The checkpoint as an MLflow param: its path, or only its file name when ``privacy`` rewrites paths."""
+    return os.path.basename(os.fspath(ckpt_path)) if ckpt_path and privacy.active else ckpt_path
+
+
+def _with_demographics(records: Sequence[Mapping], index) -> list[dict]:
+    """``records`` with the evaluated ones (at ``index``) filled by :func:`bundle.demographics.fill_demographics`
+    from their DICOM headers (only read for records that lack sex or age); the others are left as they are."""
+    out = list(records)
+    idx = [int(i) for i in index]
+    for i, r in zip(idx, fill_demographics([records[i] for i in idx], read_dicom_demographics), strict=True):
+        out[i] = r
+    return out
+
+
+def _demographics_flat(split: str, demo: Mapping) -> dict[str, int]:
+    """summary.json / MLflow counts: images of unknown sex / age, and those whose value came from a DICOM header."""
+    return {
+        f"{split}_n_unknown_sex": demo["sex"][UNKNOWN],
+        f"{split}_n_unknown_age": demo["age"][UNKNOWN],
+        f"{split}_n_sex_from_dicom": demo["sex"]["dicom"],
+        f"{split}_n_age_from_dicom": demo["age"]["dicom"] + demo["age"]["dicom_birth_date"],
+    }
+
+
+def _warn_unknown_demographics(split: str, demo: Mapping, attributes: Sequence[str]) -> None:
+    """One warning per evaluated attribute (sex, age) with images whose value is unknown: they are in no gap."""
+    for a, tag in (("sex", "PatientSex"), ("age", "PatientAge or PatientBirthDate with StudyDate")):
+        if a not in attributes or not demo[a][UNKNOWN]:
+            continue
+        n, unknown = sum(demo[a].values()), demo[a][UNKNOWN]
+        whole = " (all of them: no " + a + " gap can be computed)" if unknown == n else ""
+        logger.warning(
+            f"evaluation: {split}: {unknown} of {n} images have unknown {a}{whole}: not in the datalist and no "
+            f"usable DICOM {tag}; they form the 'unknown' group, which is left out of the {a} gaps "
+            f"(give the datalist records a {a!r} value to include them)"
+        )
 
 
 def _warn_skipped(split: str, skipped: Sequence[Mapping]) -> None:
@@ -399,7 +500,7 @@ def _failed_split(split: str, out: str, records, skipped: Sequence[Mapping], cla
     report = {"split": split, "n": 0, "n_skipped": len(skipped), "classes": list(classes), "error": why}
     write_json_atomic(os.path.join(out, "fairness_report.json"), strict_json(report), indent=1, allow_nan=False)
     write_text_atomic(os.path.join(out, "fairness_report.csv"), rows_to_csv([{"split": split, "error": why}]))
-    head = ["index", "image", "patient_id", "sex", "age", "dataset", "view", "age_group"]
+    head = ["index", *METADATA_COLUMNS, "age_group", *SOURCE_COLUMNS]
     write_text_atomic(os.path.join(out, "predictions.csv"), ",".join(head) + "\r\n")
     return {"report_dir": out, "n": 0, f"{split}_n_skipped": len(skipped), "error": clean_str(why)}
 

@@ -36,6 +36,7 @@ __all__ = [
     "check_file",
     "scan_inputs",
     "write_skipped",
+    "privacy_rows",
     "SkipFailedDataset",
     "load_error_message",
     "maps_to_original",
@@ -214,19 +215,35 @@ def check_file(path, record: Mapping | None = None, modalities: Sequence[str] = 
     return problem
 
 
-def write_skipped(path, skipped: Sequence[Mapping]) -> str:
-    """``skipped.csv`` (columns :data:`SKIPPED_COLUMNS`, header even when empty), atomically."""
-    text = rows_to_csv([{k: r.get(k, "") for k in SKIPPED_COLUMNS} for r in skipped])
+def privacy_rows(skipped: Sequence[Mapping], privacy=None) -> list[dict]:
+    """The skipped entries as written: ``file`` and the paths inside ``reason`` through ``privacy``
+    (:class:`bundle.privacy.Privacy`; None = as they are)."""
+    if privacy is None or not privacy.active:
+        return [dict(r) for r in skipped]
+    return [
+        {**r, "file": privacy.path(r.get("file", "")), "reason": privacy.text(r.get("reason", ""), [r.get("file")])}
+        for r in skipped
+    ]
+
+
+def write_skipped(path, skipped: Sequence[Mapping], privacy=None) -> str:
+    """``skipped.csv`` (columns :data:`SKIPPED_COLUMNS`, header even when empty), atomically; identifiers through
+    ``privacy`` (:func:`privacy_rows`)."""
+    text = rows_to_csv([{k: r.get(k, "") for k in SKIPPED_COLUMNS} for r in privacy_rows(skipped, privacy)])
     return write_text_atomic(path, text or ",".join(SKIPPED_COLUMNS) + "\r\n")
 
 
 def scan_inputs(
-    records: Sequence[Mapping], output_dir: str | None = None, modalities: Sequence[str] = ACCEPTED_MODALITIES
+    records: Sequence[Mapping],
+    output_dir: str | None = None,
+    modalities: Sequence[str] = ACCEPTED_MODALITIES,
+    privacy=None,
 ) -> InputScan:
     """Split the records (``bundle.workflow.image_records``) into those to score and the skipped files.
 
     Writes ``<output_dir>/skipped.csv`` at once (the writer rewrites it at the end with the decoding failures), so
-    the reasons are on disk even if the run stops later. Raises when nothing is left to score.
+    the reasons are on disk even if the run stops later; its paths go through ``privacy`` (a
+    :class:`bundle.privacy.Privacy`, docs/privacy.md). Raises when nothing is left to score.
     """
     scan = InputScan()
     for r in records:
@@ -239,7 +256,7 @@ def scan_inputs(
         logger.warning(f"inference: skipped {s['file']}: {s['reason']}")
     where = ""
     if output_dir:
-        where = write_skipped(os.path.join(output_dir, "skipped.csv"), scan.skipped)
+        where = write_skipped(os.path.join(output_dir, "skipped.csv"), scan.skipped, privacy)
     logger.info(f"inference: {len(scan.records)} images to score, {len(scan.skipped)} files skipped {where}")
     if not scan.records:
         raise ValueError(

@@ -310,6 +310,8 @@ def _client_and_run(mlflow_logger_or_run_id, tracking_uri: str | None):
     handler = mlflow_logger_or_run_id
     if getattr(handler, "disabled", False) or getattr(handler, "cur_run", None) is None:
         return None, "MLflow logging is disabled or its run is not open"
+    if not getattr(handler, "online", True):  # the server went away mid-run: do not wait on it for every file
+        return None, "the MLflow server went offline during the run (the model stays in models/; docs/mlflow.md)"
     client = handler.client
     if tracking_uri:
         if not is_reachable(tracking_uri):

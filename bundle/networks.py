@@ -17,6 +17,8 @@ import hashlib
 import logging
 import math
 import os
+import pickle
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
-from bundle.errors import MissingWeightsError, fetch_target, looks_like_hub_id
+from bundle.errors import HF_DOWNLOAD, MissingWeightsError, fetch_target, looks_like_hub_id
 from bundle.text import build_text_encoder, encode_prompts, pool_text, tokenize_prompts
 from bundle.utils.atomic import read_json, write_json_atomic
 
@@ -78,11 +80,13 @@ PAPER_PRESET = {
     "fusion_dim": 768,
     "fusion_heads": 4,
     "fusion_ffn": 1024,
+    "vit_checkpoint": None,  # a ViT-B/16 weights file (timm / Hugging Face / KAD), loaded by load_vit_checkpoint
+    "aligner": "projector",  # the paper's alignment projector head on the fused features
 }
 
 PRESETS = {"demo": DEMO_PRESET, "paper": PAPER_PRESET}
 
-ALIGNERS = ("max_norm", "conv", "sigmoid")
+ALIGNERS = ("max_norm", "conv", "sigmoid", "projector")
 CLASSIFIERS = ("linear", "per_class")
 POOLINGS = ("pooler", "cls", "mean")
 
@@ -175,10 +179,12 @@ class SigmoidAligner(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_classes))
         self.bias = nn.Parameter(torch.zeros(num_classes))
 
-    def forward(self, m: torch.Tensor) -> torch.Tensor:
+    def forward(self, m: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """``classes``: the class indices of m's maps when m holds a subset of the classes (class-subset forward)."""
         n = m.shape[-2] * m.shape[-1]
         z = torch.log(m.clamp_min(self.eps) * n)
-        return torch.sigmoid(self.weight.view(1, -1, 1, 1) * z + self.bias.view(1, -1, 1, 1))
+        w, b = (self.weight, self.bias) if classes is None else (self.weight[classes], self.bias[classes])
+        return torch.sigmoid(w.view(1, -1, 1, 1) * z + b.view(1, -1, 1, 1))
 
 
 class MaxNormAligner(nn.Module):
@@ -190,6 +196,45 @@ class MaxNormAligner(nn.Module):
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         return m / m.amax(dim=(-2, -1), keepdim=True).clamp_min(self.eps)
+
+
+class ProjectorAligner(nn.Module):
+    """The paper's alignment projector head on the fused features (its second head beside the classifier).
+
+    From the per-class fused feature f_c (the decoder output, (B, C, d)) and the per-patch image features m_n (the
+    decoder memory, (B, N, d)):
+
+        q_c = Linear(d, k)(GELU(Linear(d, d)(f_c))),  k_n = Linear(d, k)(m_n),  s_cn = q_c . k_n / sqrt(k)
+        P_c = M_c exp(s_c) / max_n (M_c exp(s_c))      (computed as exp(z - max z), z = log M + s)
+
+    s is a learned per-class, per-patch correction of the cross-attention logits, so P is in [0, 1] with max 1 in
+    every map. The query MLP's last Linear is zero-initialised (DWARF starts its refiner at the identity): s = 0 and
+    P = M / max M (the max_norm aligner) at initialisation; L_AL reaches that layer from the first step and the rest
+    of the head from the second. Gradients also flow through M into the fusion decoder and the encoders.
+    """
+
+    def __init__(self, dim: int, proj_dim: int | None = None, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        k = int(proj_dim or min(dim, 256))
+        self.proj_dim = k
+        self.query = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, k))
+        self.key = nn.Linear(dim, k)
+        self.reset_last()
+
+    def reset_last(self) -> None:
+        """Zero the query MLP's last layer (P = M / max M); called again after a re-initialisation of the head."""
+        nn.init.zeros_(self.query[-1].weight)
+        nn.init.zeros_(self.query[-1].bias)
+
+    def forward(self, m: torch.Tensor, feats: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """m (B, C, h, w) attention, feats (B, C, d) per-class fused features, memory (B, h*w, d) -> P (B, C, h, w)."""
+        b, c, h, w = m.shape
+        q = self.query(feats)  # (B, C, k)
+        key = self.key(memory)  # (B, N, k)
+        s = torch.einsum("bck,bnk->bcn", q, key) * (self.proj_dim**-0.5)
+        z = torch.log(m.reshape(b, c, h * w).clamp_min(self.eps)) + s
+        return torch.exp(z - z.amax(dim=-1, keepdim=True)).reshape(b, c, h, w)
 
 
 def _resolve_prompts(classes: Sequence[str], prompts) -> list[str]:
@@ -280,6 +325,344 @@ def _adapt_vit_channels(vit: ViTModel, in_channels: int) -> None:
     vit.config.num_channels = 1
 
 
+# ------------------------------------------------------------------------------- ViT weights from a checkpoint file
+# Written here because transformers renames old ViT checkpoints only inside from_pretrained (a folder with its
+# config.json), and knows neither timm's nor pytorch_pretrained_vit's names nor KAD's nested training checkpoints
+# (timm's own converter needs timm). Both the file's keys and this ViTModel's keys are translated to one canonical
+# naming, so the mapping does not depend on the transformers version (4.x: encoder.layer.<i>, 5.x: layers.<i>).
+_VIT_TOP_KEYS = {
+    # timm VisionTransformer
+    "cls_token": "cls",
+    "pos_embed": "pos",
+    "patch_embed.proj.weight": "patch.weight",
+    "patch_embed.proj.bias": "patch.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+    # Hugging Face ViTModel (every transformers version)
+    "embeddings.cls_token": "cls",
+    "embeddings.position_embeddings": "pos",
+    "embeddings.patch_embeddings.projection.weight": "patch.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+    # pytorch_pretrained_vit (KAD's ModelViT)
+    "class_token": "cls",
+    "positional_embedding.pos_embedding": "pos",
+    "patch_embedding.weight": "patch.weight",
+    "patch_embedding.bias": "patch.bias",
+}
+_VIT_BLOCK = re.compile(r"^(?:blocks|encoder\.layer|layers|transformer\.blocks)\.(\d+)\.(.+)$")
+_VIT_BLOCK_PARTS = {
+    "norm1": "norm1",
+    "layernorm_before": "norm1",
+    "attn.qkv": "qkv",  # timm: q, k, v stacked along the output axis
+    "attn.proj": "o",
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.output.dense": "o",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+    "attention.o_proj": "o",
+    "attn.proj_q": "q",
+    "attn.proj_k": "k",
+    "attn.proj_v": "v",
+    "proj": "o",
+    "norm2": "norm2",
+    "layernorm_after": "norm2",
+    "mlp.fc1": "fc1",
+    "mlp.fc2": "fc2",
+    "intermediate.dense": "fc1",
+    "output.dense": "fc2",
+    "pwff.fc1": "fc1",
+    "pwff.fc2": "fc2",
+}
+# The patch embedding's key locates the ViT inside a checkpoint (its prefix) and tells the naming.
+_VIT_ANCHORS = {
+    "patch_embed.proj.weight": "timm",
+    "embeddings.patch_embeddings.projection.weight": "huggingface",
+    "patch_embedding.weight": "pytorch_pretrained_vit",
+}
+# LayerNorm eps of the models a checkpoint comes from (Hugging Face's ViTs: 1e-12, ViTConfig's default).
+_VIT_NORM_EPS = {"timm": 1e-6, "pytorch_pretrained_vit": 1e-6}
+_EXTRA_TOKENS = ("reg_token", "dist_token")  # timm variants whose sequence a plain ViT does not reproduce
+
+
+class ViTCheckpointError(ValueError):
+    """A ``vit_checkpoint`` file that cannot be read or does not fit the ViT built from the vit_* sizes."""
+
+
+class ViTCheckpointNotFoundError(MissingWeightsError):
+    """``vit_checkpoint`` names a file that does not exist (nothing is ever downloaded). A MissingWeightsError, so the
+    command line ends with its one-line message."""
+
+    def __init__(self, spec: str, reason: str = "") -> None:  # noqa: B042 (__reduce__ below)
+        hint = (
+            "a timm, Hugging Face ViTModel, pytorch_pretrained_vit or KAD checkpoint (.safetensors, .bin, .pt, .pth) of "
+            "a ViT with the network's vit_* sizes; vit_checkpoint=None builds a random ViT"
+        )
+        super().__init__("ViT checkpoint", spec, "vit_checkpoint", DEFAULT_VIT_REPO, "models/vit-b16", reason, hint)
+
+    def __reduce__(self):
+        return (type(self), (self.spec, self.reason))
+
+    def render(self, cli: bool) -> str:
+        where = os.path.abspath(os.path.expanduser(self.spec))
+        example = f"{self.local_dir}/model.safetensors"
+        use = f"--network_def#vit_checkpoint {example}" if cli else f"vit_checkpoint={example!r}"
+        return (
+            f"ViT checkpoint {where} does not exist (the file is missing): fetch one on a machine with internet access, "
+            f"e.g. '{HF_DOWNLOAD} {self.repo_id} model.safetensors --local-dir {self.local_dir}' (ViT-B/16, ImageNet-21k, "
+            f"as KAD's ViT; a KAD or timm checkpoint works too), copy the file to {where} or pass {use}"
+        )
+
+
+def _set_vit_norm_eps(vit: ViTModel, eps: float) -> None:
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = float(eps)
+    vit.config.layer_norm_eps = float(eps)
+
+
+def _canonical_vit_key(key: str) -> str | None:
+    """``blocks.3.q.weight``-style name of a ViT weight in any supported naming; ``"?" + key`` for an unknown weight
+    inside a block, None for a key that is not part of a ViT encoder (heads, pooler)."""
+    if key in _VIT_TOP_KEYS:
+        return _VIT_TOP_KEYS[key]
+    m = _VIT_BLOCK.match(key)
+    if m is None:
+        return None
+    part, _, wb = m.group(2).rpartition(".")
+    if wb in ("weight", "bias") and part in _VIT_BLOCK_PARTS:
+        return f"blocks.{int(m.group(1))}.{_VIT_BLOCK_PARTS[part]}.{wb}"
+    return "?" + key
+
+
+def _flatten_tensors(obj, prefix: str = "", out: dict | None = None, depth: int = 0) -> dict:
+    """Every tensor of nested dicts (a training checkpoint: {"model": ..., "image_encoder": {...}}) by dotted path."""
+    out = {} if out is None else out
+    if isinstance(obj, torch.Tensor):
+        out[prefix[:-1]] = obj
+    elif isinstance(obj, Mapping) and depth < 8:
+        for k, v in obj.items():
+            _flatten_tensors(v, f"{prefix}{k}.", out, depth + 1)
+    return out
+
+
+def _read_checkpoint_file(path: str):
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise ViTCheckpointError(f"vit_checkpoint {path} is not a readable safetensors file ({e})") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ViTCheckpointError(
+            f"vit_checkpoint {path}: torch.load(weights_only=True) refused it ({first}): the file holds Python objects "
+            'besides tensors and plain containers. If you trust it, save only its weights: python -c "import torch; '
+            f"c = torch.load({path!r}, weights_only=False); torch.save(c['image_encoder'], 'vit.pt')\" (or c, "
+            "c['model'], c['state_dict']), or convert it to .safetensors"
+        ) from e
+    except Exception as e:  # a truncated or foreign file
+        raise ViTCheckpointError(
+            f"vit_checkpoint {path} is not a readable PyTorch or safetensors file ({type(e).__name__}: "
+            f"{(str(e).splitlines() or [''])[0][:200]})"
+        ) from e
+
+
+def _checkpoint_sizes(src: Mapping[str, torch.Tensor]) -> str:
+    """What a canonical ViT state says about its sizes, for error messages."""
+    parts = []
+    patch = src.get("patch.weight")
+    if patch is not None and patch.ndim == 4:
+        parts += [f"vit_hidden={patch.shape[0]}", f"patch_size={patch.shape[-1]}"]
+    layers = {k.split(".")[1] for k in src if k.startswith("blocks.")}
+    parts.append(f"vit_layers={len(layers)}")
+    fc1 = src.get("blocks.0.fc1.weight")
+    if fc1 is not None:
+        parts.append(f"vit_mlp={fc1.shape[0]}")
+    pos = src.get("pos")
+    if pos is not None and pos.ndim == 3 and patch is not None:
+        side = math.isqrt(pos.shape[1] - 1)
+        parts.append(f"trained at {side * patch.shape[-1]} px")
+    return ", ".join(parts)
+
+
+def _resize_position_embeddings(pos: torch.Tensor, n_target: int, patch_size: int) -> torch.Tensor:
+    """(1, 1 + n, D) -> (1, n_target, D): Hugging Face's ViTEmbeddings.interpolate_pos_encoding (bicubic,
+    align_corners=False), the function ViTModel itself runs for inputs of another size."""
+    side = math.isqrt(n_target - 1)
+    try:
+        from types import SimpleNamespace
+
+        from transformers.models.vit.modeling_vit import ViTEmbeddings
+
+        holder = SimpleNamespace(position_embeddings=pos, patch_size=patch_size)
+        out = ViTEmbeddings.interpolate_pos_encoding(
+            holder, pos.new_zeros(1, n_target, pos.shape[-1]), side * patch_size, side * patch_size
+        )
+    except (ImportError, AttributeError, TypeError):  # transformers moved it: the same interpolation
+        old = math.isqrt(pos.shape[1] - 1)
+        grid = pos[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+        out = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, side * side, -1)], dim=1)
+    return out.detach().clone()
+
+
+def _select_vit_weights(flat: Mapping[str, torch.Tensor], path: str) -> tuple[str, str, dict]:
+    """``(prefix, naming, {key without prefix: tensor})`` of the ViT in a flattened checkpoint. With several (a full
+    training checkpoint, an alias module), the prefix that yields the most ViT weights wins, then the shortest."""
+    candidates = {}
+    for k in flat:
+        for anchor, naming in _VIT_ANCHORS.items():
+            if k == anchor or k.endswith("." + anchor):
+                candidates[k[: len(k) - len(anchor)]] = naming
+    if not candidates:
+        sample = sorted({k.split(".", 1)[0] for k in flat})[:8]
+        raise ViTCheckpointError(
+            f"vit_checkpoint {path}: no ViT found (no key ending in {' / '.join(_VIT_ANCHORS)}; its "
+            f"{len(flat)} tensors start with {sample}). Give a ViT checkpoint (timm, Hugging Face ViTModel, "
+            "pytorch_pretrained_vit, or a KAD checkpoint trained with its ViT image encoder; KAD's ResNet-50 / "
+            "DenseNet encoders are not ViTs)"
+        )
+    scored = []
+    for prefix, naming in candidates.items():
+        sub = {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
+        n = sum(1 for k in sub if (c := _canonical_vit_key(k)) is not None and not c.startswith("?"))
+        scored.append((-n, len(prefix), prefix, naming, sub))
+    scored.sort(key=lambda t: t[:3])
+    if len(scored) > 1:
+        logger.info(
+            "vit_checkpoint %s holds %d ViT-like weight sets (prefixes %s): using %r (the most weights)",
+            path,
+            len(scored),
+            [t[2] for t in scored],
+            scored[0][2],
+        )
+    return scored[0][2], scored[0][3], scored[0][4]
+
+
+def load_vit_checkpoint(vit: ViTModel, path: str | os.PathLike, norm_eps: float | None = None) -> dict:
+    """Load a ViT checkpoint file into ``vit`` (a ViTModel built with the intended sizes); returns a report.
+
+    The file: ``.safetensors`` (safetensors) or anything else through ``torch.load(weights_only=True)`` (no code is
+    unpickled). Nested dicts are searched (KAD: ``{"image_encoder": {"vit.embeddings...": ...}, "model": ...}``;
+    ``state_dict``/``model``/``module.`` wrappers) and the ViT's prefix is found by its patch embedding. Names in
+    timm (``blocks.<i>.attn.qkv``, split into q/k/v), Hugging Face (``encoder.layer.<i>`` or ``layers.<i>``) or
+    pytorch_pretrained_vit (``transformer.blocks.<i>``) layouts are mapped to this ViTModel's.
+
+    Adapted, not refused: an RGB patch kernel for a 1-channel ViT (summed over colours, as ``_adapt_vit_channels``)
+    and position embeddings of another grid (interpolated as ViTModel does). Refused (ViTCheckpointError, naming the
+    key and both shapes and the checkpoint's sizes): any other shape difference, another number of layers, weights
+    inside the blocks that a plain ViT lacks, register/distillation tokens. Missing top-level weights (e.g. the final
+    LayerNorm) keep their initialisation, with a warning; weights outside the encoder (heads, pooler) are ignored and
+    listed. ``norm_eps``: the LayerNorm eps to set (None: 1e-6 for timm / pytorch_pretrained_vit names, else kept).
+    Report keys: file, prefix, naming, loaded, missing, ignored, adapted, norm_eps.
+    """
+    spec = os.fspath(path)
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+        raise ViTCheckpointNotFoundError(spec)
+    flat = _flatten_tensors(_read_checkpoint_file(path))
+    prefix, naming, sub = _select_vit_weights(flat, path)
+
+    src, names, ignored, problems = {}, {}, [], []
+    for k, v in sub.items():
+        c = _canonical_vit_key(k)
+        if c is None:
+            (problems if k in _EXTRA_TOKENS else ignored).append(prefix + k)
+            continue
+        if c.startswith("?"):
+            problems.append(f"{prefix}{k} (a weight inside a block that a plain ViT does not have)")
+            continue
+        if ".qkv." in c:
+            base, wb = c.split(".qkv.")
+            for part, chunk in zip("qkv", v.chunk(3, dim=0), strict=True):
+                src[f"{base}.{part}.{wb}"], names[f"{base}.{part}.{wb}"] = chunk, f"{prefix}{k}[{part}]"
+        else:
+            src[c], names[c] = v, prefix + k
+    problems = [f"{p}: a ViT variant with extra tokens" if p.endswith(_EXTRA_TOKENS) else p for p in problems]
+
+    own = vit.state_dict()
+    target = {}
+    for k in own:
+        c = _canonical_vit_key(k)
+        if c is None or c.startswith("?"):
+            raise ViTCheckpointError(
+                f"this transformers version names a ViT weight {k!r}, which bundle.networks.load_vit_checkpoint does "
+                "not map; use vit_pretrained (a ViTModel folder) instead"
+            )
+        target[c] = k
+    have = {c.split(".")[1] for c in src if c.startswith("blocks.")}
+    want = {c.split(".")[1] for c in target if c.startswith("blocks.")}
+    if have != want:
+        problems.append(f"{len(have)} transformer layers in the checkpoint, vit_layers={len(want)} in this network")
+
+    state, missing, adapted = {}, [], []
+    patch_size = int(vit.config.patch_size)
+    for c, k in target.items():
+        if c not in src:
+            if not c.startswith("blocks.") or have == want:
+                missing.append(k)
+            continue
+        t, ref = src[c], own[k]
+        if c == "patch.weight" and t.ndim == 4 and t.shape[0] == ref.shape[0] and t.shape[2:] == ref.shape[2:]:
+            if t.shape[1] != ref.shape[1] and ref.shape[1] == 1:
+                t = t.sum(dim=1, keepdim=True)  # = the RGB kernel on a grey image repeated into 3 channels
+                adapted.append(f"patch kernel summed over {src[c].shape[1]} input channels")
+        if c == "pos" and t.ndim == 3 and t.shape[-1] == ref.shape[-1] and t.shape[1] != ref.shape[1]:
+            n_old, n_new = t.shape[1] - 1, ref.shape[1] - 1
+            if math.isqrt(n_old) ** 2 == n_old and math.isqrt(n_new) ** 2 == n_new:
+                t = _resize_position_embeddings(t, ref.shape[1], patch_size)
+                s_old, s_new = math.isqrt(n_old), math.isqrt(n_new)
+                adapted.append(f"position embeddings interpolated {s_old}x{s_old} -> {s_new}x{s_new}")
+        if tuple(t.shape) != tuple(ref.shape):
+            problems.append(f"{names[c]} has shape {tuple(t.shape)}, this network's {k} {tuple(ref.shape)}")
+            continue
+        state[k] = t.to(dtype=ref.dtype)
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; ... ({len(problems) - 6} more)" if len(problems) > 6 else "")
+        raise ViTCheckpointError(
+            f"vit_checkpoint {path} (prefix {prefix!r}, {naming} names) does not fit this ViT: {shown}. The checkpoint "
+            f"is a ViT with {_checkpoint_sizes(src)}; set the network's vit_* sizes (and vit_heads) to match"
+        )
+    with torch.no_grad():
+        vit.load_state_dict(state, strict=False)
+    eps = norm_eps if norm_eps is not None else _VIT_NORM_EPS.get(naming)
+    if eps is not None:
+        _set_vit_norm_eps(vit, eps)
+    report = {
+        "file": path,
+        "prefix": prefix,
+        "naming": naming,
+        "loaded": len(state),
+        "missing": missing,
+        "ignored": ignored,
+        "adapted": adapted,
+        "norm_eps": float(vit.config.layer_norm_eps),
+    }
+    logger.info(
+        "ViT weights: %d tensors from %s (prefix %r, %s names)%s",
+        len(state),
+        path,
+        prefix,
+        naming,
+        "".join(f"; {a}" for a in adapted),
+    )
+    if missing:
+        logger.warning("vit_checkpoint %s has no %s: kept their random initialisation", path, missing)
+    if ignored:
+        logger.info(
+            "vit_checkpoint %s: ignored %d tensors outside the ViT encoder: %s", path, len(ignored), ignored[:8]
+        )
+    return report
+
+
 def _refresh_after_load(module: "AlignerVLM", incompatible_keys) -> None:
     """load_state_dict post-hook (a module-level function, not a lambda, so that the network stays picklable)."""
     module.refresh_prompt_cache()
@@ -295,6 +678,12 @@ class AlignerVLM(nn.Module):
         vit_hidden, vit_layers, vit_heads, vit_mlp, vit_dropout: size of a randomly initialised ViT.
         vit_pretrained: a local ViTModel directory / cached hub id (overrides the sizes; RGB kernels are summed to 1
             channel; other image sizes interpolate its position embeddings).
+        vit_checkpoint: a local weights file (.safetensors / .bin / .pt / .pth) for the ViT built from the sizes above:
+            a timm, Hugging Face ViTModel, pytorch_pretrained_vit or KAD checkpoint, nested dicts and prefixes
+            allowed (``load_vit_checkpoint``). Shapes must fit, except the input channels (RGB summed) and the position
+            embeddings (interpolated to image_size).
+        vit_norm_eps: the ViT's LayerNorm eps; None: 1e-12 (Hugging Face's default), or 1e-6 for a timm /
+            pytorch_pretrained_vit checkpoint (their value).
         text_encoder: "random-small", "random-base", a local BertModel directory, or a cached hub id (Med-KEBERT).
         text_fallback: random encoder built (with a warning) when ``text_encoder`` is not available locally; None
             raises an error saying what to download.
@@ -305,7 +694,9 @@ class AlignerVLM(nn.Module):
         fusion_init_std: KAD's N(0, std) init of the fusion decoder and heads (0.02); None keeps PyTorch's default
             init, which trains a from-scratch model much faster (its near-zero chain of projections starts at a
             saddle: the demo preset's loss stayed at the label prior for two epochs with 0.02).
-        aligner: "max_norm" (default), "conv" or "sigmoid": how attention M becomes P in [0, 1].
+        aligner: "max_norm" (default), "conv", "sigmoid" or "projector" (a learned head on the fused per-class and
+            per-patch features, ``ProjectorAligner``): how attention M becomes P in [0, 1].
+        aligner_dim: the projector head's width k (None: min(fusion width, 256)); only used by "projector".
         classifier: "linear" (one Linear(d, 1) shared by all classes, as KAD) or "per_class" (one weight per class).
         return_probs: forward returns sigmoid probabilities (B, C) instead of the dict (for inference / Deploy).
     """
@@ -323,6 +714,8 @@ class AlignerVLM(nn.Module):
         vit_mlp: int = 768,
         vit_dropout: float = 0.0,
         vit_pretrained: str | None = None,
+        vit_checkpoint: str | None = None,
+        vit_norm_eps: float | None = None,
         text_encoder: str = "random-small",
         text_fallback: str | None = None,
         text_hidden: int | None = None,
@@ -338,6 +731,7 @@ class AlignerVLM(nn.Module):
         dropout: float = 0.1,
         fusion_init_std: float | None = 0.02,
         aligner: str = "max_norm",
+        aligner_dim: int | None = None,
         classifier: str = "linear",
         return_probs: bool = False,
     ):
@@ -360,9 +754,20 @@ class AlignerVLM(nn.Module):
         num_classes = len(self.classes)
 
         # Image encoder: ViT patch tokens (CLS dropped) are the keys/values.
+        if vit_pretrained and vit_checkpoint:
+            raise ValueError(
+                f"networks: vit_pretrained={vit_pretrained!r} and vit_checkpoint={vit_checkpoint!r} both given; "
+                "set one of them (a ViTModel folder, or a weights file for the ViT built from the vit_* sizes)"
+            )
         self.image_encoder = _build_vit(
             vit_pretrained, image_size, patch_size, in_channels, vit_hidden, vit_layers, vit_heads, vit_mlp, vit_dropout
         )
+        # What a vit_checkpoint load did (file, prefix, naming, missing / ignored keys); None without one.
+        self.vit_checkpoint_report = None
+        if vit_checkpoint:
+            self.vit_checkpoint_report = load_vit_checkpoint(self.image_encoder, vit_checkpoint, norm_eps=vit_norm_eps)
+        elif vit_norm_eps is not None:
+            _set_vit_norm_eps(self.image_encoder, vit_norm_eps)
         vcfg = self.image_encoder.config
         self.image_size, self.patch_size, self.in_channels = int(image_size), int(vcfg.patch_size), vcfg.num_channels
         if self.image_size % self.patch_size:
@@ -421,10 +826,17 @@ class AlignerVLM(nn.Module):
             _init_normal(fusion, fusion_init_std)
             _init_normal(self.classifier, fusion_init_std)
         self.aligner_type = aligner
+        self.aligner_dim = None
         if aligner == "max_norm":
             self.aligner = MaxNormAligner()
         elif aligner == "conv":
             self.aligner = ConvAligner()
+        elif aligner == "projector":
+            self.aligner = ProjectorAligner(d, aligner_dim)
+            self.aligner_dim = self.aligner.proj_dim
+            if fusion_init_std is not None:  # the fused features' other head (the classifier) gets the same init
+                _init_normal(self.aligner, fusion_init_std)
+                self.aligner.reset_last()
         else:
             self.aligner = SigmoidAligner(num_classes)
 
@@ -433,14 +845,29 @@ class AlignerVLM(nn.Module):
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     # ----------------------------------------------------------------------------------------------- text side
+    def _text_weights_version(self) -> int:
+        """Sum of the text encoder's tensor version counters: any in-place change of its weights (load_state_dict
+        on the encoder itself, ``p.copy_``) raises it, ``.to()`` gives new tensors; cheap (~40 ints per forward)."""
+        return sum(t._version for t in (*self.text_encoder.parameters(), *self.text_encoder.buffers()))
+
     def refresh_prompt_cache(self) -> None:
-        """Recompute the cached prompt embeddings (called at construction and after every load_state_dict)."""
-        feats = encode_prompts(self.text_encoder, self.prompt_ids, self.prompt_mask, self.text_pooling)
+        """Recompute the cached prompt embeddings (at construction, after every load_state_dict of the network, and
+        when the frozen text encoder's weights changed since the last computation: :meth:`prompt_embeddings`)."""
+        with torch.autocast(self.prompt_ids.device.type, enabled=False):  # full precision even inside an AMP step
+            feats = encode_prompts(self.text_encoder, self.prompt_ids, self.prompt_mask, self.text_pooling)
         self.prompt_cache = feats.to(self.prompt_cache.dtype)
+        self._prompt_cache_version = self._text_weights_version()
 
     def prompt_embeddings(self) -> torch.Tensor:
-        """(C, D_txt) prompt features: the cache when frozen, a fresh (differentiable) pass otherwise."""
+        """(C, D_txt) prompt features: the cache when frozen, a fresh (differentiable) pass otherwise.
+
+        A frozen encoder always runs in eval mode (no dropout) and gets no gradient, so its C prompt features are
+        constants: computed once instead of one BERT pass per step (docs/performance.md), and recomputed when its
+        weights change (the version check is skipped while torch.compile traces: its graph keeps the buffer)."""
         if self.freeze_text:
+            compiling = torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+            if not compiling and getattr(self, "_prompt_cache_version", None) != self._text_weights_version():
+                self.refresh_prompt_cache()
             return self.prompt_cache
         out = self.text_encoder(input_ids=self.prompt_ids, attention_mask=self.prompt_mask)
         return pool_text(out, self.prompt_mask, self.text_pooling)
@@ -469,28 +896,44 @@ class AlignerVLM(nn.Module):
         out = self.image_encoder(pixel_values=image, interpolate_pos_encoding=interpolate)
         return out.last_hidden_state[:, 1:]
 
-    def forward_features(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_features(self, image: torch.Tensor, classes=None) -> dict[str, torch.Tensor]:
+        """The output dict; ``classes`` (class indices, e.g. ``[1]``): query only those prompts (the class-subset
+        forward of the sequential class schedule), and every output has their classes only, in that order."""
         b, _, hh, ww = image.shape
+        if classes is not None:
+            classes = torch.as_tensor(classes, dtype=torch.long, device=image.device).reshape(-1)
         if hh % self.patch_size or ww % self.patch_size:
             raise ValueError(f"image size {(hh, ww)} must be a multiple of the patch size {self.patch_size}")
         gh, gw = hh // self.patch_size, ww // self.patch_size
         memory = self.memory_norm(self.image_proj(self.encode_image(image)))
         queries = self.query_norm(self.text_proj(self.prompt_embeddings().to(memory.dtype)))
+        if classes is not None:
+            queries = queries[classes]
         x = queries.unsqueeze(0).expand(b, -1, -1)
         attn = None
         for i, layer in enumerate(self.layers):
             x, w = layer(x, memory, need_weights=i == len(self.layers) - 1)
             attn = w if w is not None else attn
-        feats = self.head_dropout(self.decoder_norm(x))  # (B, C, d)
+        fused = self.decoder_norm(x)  # (B, C, d): the per-class fused features both heads read
+        feats = self.head_dropout(fused)
         if self.classifier_type == "linear":
             logits = self.classifier(feats).squeeze(-1)
         else:
-            logits = (feats * self.classifier.weight.unsqueeze(0)).sum(-1) + self.classifier.bias
+            weight, bias = self.classifier.weight, self.classifier.bias
+            if classes is not None:
+                weight, bias = weight[classes], bias[classes]
+            logits = (feats * weight.unsqueeze(0)).sum(-1) + bias
         attn = attn.reshape(b, -1, gh, gw)
-        return {"logits": logits, "attn": attn, "attn_refined": self.aligner(attn)}
+        if self.aligner_type == "projector":
+            refined = self.aligner(attn, fused, memory)
+        elif self.aligner_type == "sigmoid":
+            refined = self.aligner(attn, classes)
+        else:
+            refined = self.aligner(attn)
+        return {"logits": logits, "attn": attn, "attn_refined": refined}
 
-    def forward(self, image: torch.Tensor):
-        out = self.forward_features(image)
+    def forward(self, image: torch.Tensor, classes=None):
+        out = self.forward_features(image, classes)
         return torch.sigmoid(out["logits"]) if self.return_probs else out
 
     @torch.no_grad()
@@ -559,6 +1002,7 @@ SIZE_KEYS = (
     "fusion_heads",
     "fusion_ffn",
     "aligner",
+    "aligner_dim",
     "classifier",
     "classes",
 )
@@ -576,7 +1020,8 @@ def network_config(net: nn.Module) -> dict:
     """The AlignerVLM constructor kwargs that rebuild ``net``'s architecture (read from the built modules).
 
     ``return_probs`` is left out (``build_from_checkpoint(inference=...)`` chooses it). A pretrained ViT is recorded
-    by its sizes (``vit_pretrained=None``): its weights are in the state_dict. A random text encoder (also one built
+    by its sizes and LayerNorm eps (``vit_pretrained=None``, ``vit_checkpoint=None``): its weights are in the
+    state_dict. A random text encoder (also one built
     as a fallback) is recorded as ``random-small`` / ``random-base`` with its sizes, so it is rebuilt offline; a local
     folder or a cached hub id is kept as given (it is needed for the tokenizer; nothing is ever downloaded).
     """
@@ -609,6 +1054,8 @@ def network_config(net: nn.Module) -> dict:
         "vit_mlp": int(vcfg.intermediate_size),
         "vit_dropout": float(vcfg.hidden_dropout_prob),
         "vit_pretrained": None,
+        "vit_checkpoint": None,  # a loaded checkpoint's weights are in the state_dict
+        "vit_norm_eps": float(vcfg.layer_norm_eps),
         "text_encoder": text_encoder,
         "text_fallback": None,
         **text,
@@ -621,6 +1068,7 @@ def network_config(net: nn.Module) -> dict:
         "dropout": float(layer.drop1.p),
         "fusion_init_std": None,  # the initialisation does not matter once the trained weights are loaded
         "aligner": net.aligner_type,
+        "aligner_dim": net.aligner_dim,
         "classifier": net.classifier_type,
     }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import math
 import os
 import shutil
 import sys
@@ -13,8 +15,13 @@ import torch
 from bundle.utils.atomic import write_json_atomic
 from bundle.utils.dist import unwrap
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "as_bool",
+    "available_cores",
+    "resolve_num_workers",
+    "set_threads",
     "with_index",
     "split_records",
     "file_digest",
@@ -68,6 +75,158 @@ def pick_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cgroup_cpu_limit() -> float | None:
+    """The cgroup (v2 ``cpu.max`` or v1 ``cfs_quota_us``) CPU quota in cores, None when unlimited or unknown."""
+    for quota_file, period_file in (
+        ("/sys/fs/cgroup/cpu.max", None),
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            with open(quota_file) as f:
+                parts = f.read().split()
+            if period_file is None:
+                quota, period = parts[0], (parts[1] if len(parts) > 1 else "100000")
+            else:
+                with open(period_file) as f:
+                    quota, period = parts[0], f.read().strip()
+        except (OSError, IndexError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            q, per = float(quota), float(period)
+        except ValueError:
+            return None
+        return q / per if q > 0 and per > 0 else None
+    return None
+
+
+def available_cores() -> int:
+    """Physical CPU cores this process may run on: its affinity set (``os.sched_getaffinity``: taskset, cgroup
+    cpusets, Slurm), hyperthread siblings counted once, capped by a cgroup CPU quota (docker ``--cpus``). >= 1."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = set()
+    for c in cpus:
+        try:  # SMT siblings share (package, core): two logical CPUs of one core do not make a second core for torch
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/physical_package_id") as f:
+                pkg = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/core_id") as f:
+                cores.add((pkg, f.read().strip()))
+        except OSError:
+            cores.add(("cpu", str(c)))
+    n = len(cores) or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.ceil(limit - 1e-6)))
+    return max(1, n)
+
+
+def _processes_per_node() -> int:
+    """Training processes sharing this node's cores: torchrun's LOCAL_WORLD_SIZE (1 outside torchrun)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def resolve_num_workers(value="auto", name: str = "num_workers") -> int:
+    """DataLoader workers: an int >= 0, or ``"auto"`` (also null): 0 below 4 cores per process, else
+    ``min(4, cores // 4)``.
+
+    Why 0 on small machines (docs/performance.md): the cached training items only go through the random
+    augmentation, about a quarter of an iteration's CPU time (0.09 s of 0.39 s per batch of 32 on one thread); on
+    2 cores a worker takes one core from the network, whose second thread is worth more (1.6x on the network step)
+    than moving the augmentation off the main process. From 4 cores up, one worker per 4 cores keeps up with the
+    network threads of the others. Workers draw the augmentation from their own seeded streams, so a run with
+    workers is reproducible but differs from one without: pin ``num_workers`` to compare results across machines.
+    """
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        per_process = available_cores() // _processes_per_node()
+        return 0 if per_process < 4 else min(4, per_process // 4)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = -1
+    if n < 0 or (isinstance(value, float) and value != n) or isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: give a number of DataLoader workers >= 0, or auto (--{name} auto)")
+    return n
+
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _busy_cores(cores: int) -> int:
+    """Cores other processes keep busy: the 1-minute load average rounded (a core counts from 0.75 of load), at most
+    ``cores - 1``; 0 when the load cannot be read."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0
+    return max(0, min(cores - 1, int(load + 0.25)))
+
+
+def set_threads(num_threads=None, num_workers=0, interop_threads=None, name: str = "num_threads") -> dict:
+    """Set torch's intra-op (and inter-op) CPU threads for this run; returns what was set and why.
+
+    ``num_threads``: an int >= 1 is used as given. None / ``"auto"``: OMP_NUM_THREADS (or MKL_NUM_THREADS) when
+    the user or a launcher set it (the study runner sets it per training), else the physical cores available to
+    this process (:func:`available_cores`) divided among torchrun's local processes, minus the DataLoader workers
+    (``num_workers``, each busy on a core of its own), minus the cores other processes keep busy at the start
+    (:func:`_busy_cores`, from the load average), at least 1. ``interop_threads``: None -> 1 (eager CPU
+    training runs one op at a time; a larger inter-op pool only adds idle threads), settable only once per
+    process: later calls keep the first value. Torch's own default is one thread per *logical* CPU of the machine,
+    which oversubscribes a shared or hyperthreaded machine (a step 2-3x slower on the shared 2-core VM).
+    """
+    import torch
+
+    source = "config"
+    if num_threads is None or (isinstance(num_threads, str) and num_threads.strip().lower() == "auto"):
+        env = next((k for k in _THREAD_ENV if os.environ.get(k, "").strip().isdigit()), None)
+        if env is not None and int(os.environ[env]) > 0:
+            n, source = int(os.environ[env]), env
+        else:
+            workers = resolve_num_workers(num_workers)
+            cores = available_cores()
+            n, source = max(1, cores // _processes_per_node() - workers), "auto"
+            busy = _busy_cores(cores)
+            if busy and n > 1:
+                # cores other processes keep busy are not free: a thread that waits for a busy core stalls every
+                # parallel op of the step (2 threads with one core busy: 59 s per main-job epoch, 1 thread: ~25 s).
+                # The price: the thread count, hence the last bits of the results, then depends on the machine's
+                # load; --num_threads N pins it (docs/performance.md).
+                n, source = max(1, n - busy), f"auto, {busy} of {cores} cores busy"
+    else:
+        try:
+            n = int(num_threads)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or isinstance(num_threads, bool) or (isinstance(num_threads, float) and num_threads != n):
+            raise ValueError(f"{name}={num_threads!r}: give a number of CPU threads >= 1, or null/auto (--{name} 2)")
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    interop = 1 if interop_threads is None else int(interop_threads)
+    if torch.get_num_interop_threads() != interop:
+        try:
+            torch.set_num_interop_threads(interop)
+        except RuntimeError:  # only settable before the first inter-op parallel work of the process
+            interop = torch.get_num_interop_threads()
+    logger.info("torch CPU threads: %d (%s), inter-op %d", n, source, interop)
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    if n > 1 and load > available_cores():  # an explicit or launcher-set count is kept; say what it costs
+        logger.warning(
+            "the CPU is busy (1-min load average %.1f on %d cores): %d torch threads will fight over the cores and "
+            "can make each step several times slower; with other jobs running, pass --num_threads 1 "
+            "(docs/performance.md)",
+            load,
+            available_cores(),
+            n,
+        )
+    return {"num_threads": n, "source": source, "interop_threads": interop}
 
 
 def experiment_params(params: Mapping) -> dict:

@@ -11,6 +11,17 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One torch thread per test process, and for the trainings the tests start in subprocesses (the bundle's
+# set_threads honours OMP_NUM_THREADS): CI runs `pytest -n 2` on 2 cores, and two processes with two threads each
+# made a tiny training 10-25x slower on a loaded machine. A user's explicit setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+try:
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+except ImportError:  # the format-only checks need no torch
+    pass
 CONFIGS = os.path.join(ROOT, "configs")
 
 # The synthetic generator's knobs for a benchmark that generates in about a second (64 px site A, 80x72 site B).

@@ -29,6 +29,7 @@ MLFLOW_PARAMS = {
     "batch_size", "max_epochs", "network_preset", "model", "n_parameters", "n_trainable", "image_size", "patch_size",
     "vit_hidden", "vit_layers", "vit_heads", "text_encoder", "text_hidden", "text_layers", "freeze_text",
     "fusion_layers", "fusion_dim", "aligner", "dataset", "dataset_digest", "n_train", "n_train_aligned",
+    "alignment_fraction_of", "class_schedule",
 }  # fmt: skip
 
 
@@ -103,7 +104,9 @@ def test_configs_declare_short_expressions_and_the_key_metric_once():
 
     # evaluate.yaml overrides the final evaluation key by key instead of repeating it
     ev = _parser(MERGES["evaluate"])
-    assert ev["evaluating"][-1] == "@final_report" and len(ev["evaluating"]) == 2  # set_determinism, then the report
+    # the thread count, set_determinism, then the report
+    assert ev["evaluating"][-1] == "@final_report" and len(ev["evaluating"]) == 3
+    assert ev["evaluating"][0].startswith("$bundle.workflow.set_threads(")
     assert ev["final_report#mlflow_logger"] == "@mlflow_eval" and ev["final_report#ckpt_path"] == "@ckpt_path"
 
 
@@ -215,7 +218,10 @@ def test_train_two_epochs_checkpoint_mlflow_report_and_resume(tiny_datalist, tin
 
     # a crashed run resumes: the same command with more epochs continues at epoch 3
     p = run_cmd(
-        _train_args(tiny_datalist, tmp_path, tiny_train_args, "--max_epochs", "3", "--final_evaluation", "false")
+        _train_args(
+            tiny_datalist, tmp_path, tiny_train_args, "--max_epochs", "3", "--alignment_fraction", "0.5",
+            "--final_evaluation", "false", "--resume_on_code_change", "true",
+        )  # fmt: skip
     )
     assert "resumed from" in p.stdout + p.stderr
     log = p.stdout + p.stderr

@@ -73,6 +73,10 @@ def load_network(spec: ModelSpec, parser):
     """``network_def`` of the config with the checkpoint's weights (strict), in eval mode on the CPU."""
     import torch
 
+    from bundle.workflow import set_threads
+
+    # the app runs inference on the CPU: the same deliberate thread count as the bundle's inference
+    set_threads(parser.get("num_threads"), 0)
     net = parser.get_parsed_content("network_def", instantiate=True)
     state = torch.load(spec.model_path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a CheckpointSaver dict {"model": ...}

@@ -4,7 +4,7 @@
 - :mod:`.collect`: ``PredictionCollector`` (per-sample arrays gathered across ranks) and the wrapper base class;
 - :mod:`.mean_auc`: ``MeanAUC``, the key validation metric;
 - :mod:`.fairness`: ``AlignmentFairnessMetric``, per-epoch subgroup gaps and alignment scalars;
-- :mod:`.best_model`: ``BestModelSaver``; :mod:`.resume`: ``ResumeCheckpoint``;
+- :mod:`.best_model`: ``BestModelSaver``; :mod:`.resume`: ``ResumeCheckpoint`` and ``RNGState``;
 - :mod:`.mlflow_handler`: ``SafeMLFlowHandler`` and the trainer's ``loss_components`` output_transform;
 - :mod:`.epoch_summary`: ``EpochSummary``; :mod:`.inference_writer`: ``InferenceWriter``;
 - :mod:`.overlays`: ``OverlaySampler`` (attention-overlay samples of an evaluation run).
@@ -18,7 +18,7 @@ from .inference_writer import InferenceWriter
 from .mean_auc import MeanAUC
 from .mlflow_handler import SafeMLFlowHandler, loss_components
 from .overlays import OverlaySampler
-from .resume import ResumeCheckpoint
+from .resume import ResumeCheckpoint, RNGState
 
 __all__ = [
     "PredictionCollector",
@@ -28,6 +28,7 @@ __all__ = [
     "AlignmentFairnessMetric",
     "BestModelSaver",
     "ResumeCheckpoint",
+    "RNGState",
     "SafeMLFlowHandler",
     "loss_components",
     "EpochSummary",

@@ -37,6 +37,10 @@ class InferenceWriter:
     - ``overlays/<index>_<stem>.png`` (``save_overlays``): :func:`bundle.plots.attention_overlay_original`;
     - ``maps/<index>_<stem>.nii.gz`` (``save_maps``): the raw attention maps (:func:`save_attention_nifti`).
 
+    ``privacy`` (a :class:`bundle.privacy.Privacy` or the config key ``privacy``; docs/privacy.md) rewrites the image
+    paths of every file written (the ``image`` and ``file`` columns, skip reasons, the overlay's ``Source`` text) and
+    the ``<stem>`` of the file names: relative to its root, or keyed pseudonyms.
+
     Reads the letterbox geometry and the decode errors from the engine's batch (``engine.state.batch``). Rank 0;
     every file written atomically.
     """
@@ -49,8 +53,12 @@ class InferenceWriter:
         save_overlays: bool = True,
         save_maps: bool = True,
         skipped: Sequence[Mapping] = (),
+        privacy=None,
     ):
+        from bundle.privacy import Privacy
         from bundle.workflow import as_bool
+
+        self.privacy = Privacy.from_config(privacy)
 
         self.output_dir, self.classes = output_dir, list(classes)
         self.records = {int(r.get("index", i)): r for i, r in enumerate(records)}
@@ -89,7 +97,7 @@ class InferenceWriter:
             h, w = int(lb[3]), int(lb[4])
             res = {
                 "index": idx,
-                "image": path,
+                "image": self.privacy.path(path),
                 "orig_height": h,
                 "orig_width": w,
                 "findings": {
@@ -104,7 +112,7 @@ class InferenceWriter:
                 "attention_map": None,
             }
             if is_rank0():
-                stem = f"{idx:05d}_{os.path.splitext(os.path.basename(path))[0]}"
+                stem = f"{idx:05d}_{self.privacy.stem(path)}"
                 if self.save_maps:
                     res["attention_map"] = self._save_map(stem, attn[b], lb)
                 if self.save_overlays:
@@ -129,7 +137,7 @@ class InferenceWriter:
             logger.warning(f"inference: no overlay for {path}: {e}")
             return None
         text = {
-            "Source": path,
+            "Source": self.privacy.path(path),
             "Description": "panels left to right: " + ", ".join(self.classes) + "; + = attention peak",
             "Peaks": "; ".join(f"{c}: row {r}, col {col}" for c, (r, col) in zip(self.classes, peaks, strict=True)),
         }
@@ -139,12 +147,12 @@ class InferenceWriter:
         return rel
 
     def _done(self, engine: Engine) -> None:
-        from bundle.inference import write_skipped
+        from bundle.inference import privacy_rows, write_skipped
 
         if not is_rank0():
             return
         results = sorted(self.results, key=lambda r: r["index"])
-        skipped = self.scan_skipped + self.load_skipped
+        skipped = privacy_rows(self.scan_skipped + self.load_skipped, self.privacy)
         rows = []
         for r in results:
             row = {"index": r["index"], "image": r["image"]}

@@ -331,11 +331,15 @@ def _source_name(d: Mapping, image_key: str) -> str | None:
 
 
 class RasterizeAttentiond(Transform):
-    """Add ``d[out_key]`` float32 (C, S, S) in {0, 1} and ``d[avail_key]`` float32 (C,) from ``d[attention_key]``.
+    """Add ``d[out_key]`` (C, S, S) in {0, 1} and ``d[avail_key]`` float32 (C,) from ``d[attention_key]``.
 
     Needs ``d["letterbox"]`` (put it after Letterboxd) and ``d["orig_size"]``. Records without attention get zeros.
     Masks are numpy arrays (the collate turns them into tensors). ``max_pixels`` limits RLE / frame / mask file
     sizes before decoding (default :data:`MAX_PIXELS`; a config sets it with the ``max_pixels`` key).
+    ``dtype``: the masks' dtype, float32 by default. The masks are hard (exactly 0 or 1: every shape is drawn as a
+    set of pixels, and raster inputs are thresholded), so ``uint8`` (or ``bool``) holds them exactly in a quarter
+    of the memory: configs/train.yaml caches them as uint8 and its ``final`` transforms (EnsureTyped) turn them into
+    float32 per batch, giving bit-identical batches (docs/performance.md).
     """
 
     def __init__(
@@ -348,6 +352,7 @@ class RasterizeAttentiond(Transform):
         base_dir=None,
         image_key: str = "image",
         max_pixels: int | None = None,
+        dtype="float32",
     ) -> None:
         self.classes = list(classes)
         if not self.classes:
@@ -357,6 +362,12 @@ class RasterizeAttentiond(Transform):
         self.base_dir = None if base_dir is None else os.fspath(base_dir)
         self.image_key = image_key
         self.max_pixels = max_pixels
+        try:
+            self.dtype = np.dtype(dtype)
+        except TypeError as e:
+            raise ValueError(
+                f"RasterizeAttentiond: dtype={dtype!r} is not a numpy dtype (use float32, uint8, bool)"
+            ) from e
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         d = dict(data)
@@ -368,13 +379,13 @@ class RasterizeAttentiond(Transform):
                 raise AttentionError(
                     f"{source or 'record'}: no d['letterbox']; put Letterboxd (same size) before RasterizeAttentiond"
                 )
-            d[self.out_key] = np.zeros((len(self.classes), self.size, self.size), np.float32)
+            d[self.out_key] = np.zeros((len(self.classes), self.size, self.size), self.dtype)
             d[self.avail_key] = np.zeros(len(self.classes), np.float32)
             return d
         lb = np.asarray(lb, dtype=np.float64)
         orig = d.get("orig_size")
         image_hw = (int(lb[3]), int(lb[4])) if orig is None else tuple(int(v) for v in orig)
-        d[self.out_key], d[self.avail_key] = rasterize_attention(
+        mask, d[self.avail_key] = rasterize_attention(
             entries,
             self.classes,
             image_hw,
@@ -384,4 +395,5 @@ class RasterizeAttentiond(Transform):
             source=source,
             max_pixels=self.max_pixels,
         )
+        d[self.out_key] = mask if mask.dtype == self.dtype else mask.astype(self.dtype)  # 0/1: exact in any dtype
         return d

@@ -3,6 +3,11 @@
 One primitive, :func:`atomic_path` (write to a temp file in the same folder, then ``os.replace``), serves every
 writer the bundle has: text, JSON, CSV, torch checkpoints and matplotlib figures. Every writer takes the
 destination path first.
+
+A process killed mid-write (SIGKILL, power loss) leaves its temp file behind. Temp files are named
+``.<name>.tmp-<pid>@<host>.<random><suffix>`` so that :func:`remove_stale_temp_files` can tell an orphan (its
+process is dead on this host, or it is older than ``max_age_hours``) from a write in progress; training removes
+the orphans in its output folder at start (:func:`bundle.run_identity.claim_output_dir`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import io
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 
@@ -26,7 +34,24 @@ __all__ = [
     "rows_to_csv",
     "read_json",
     "json_default",
+    "TEMP_TAG",
+    "temp_file_owner",
+    "stale_temp_files",
+    "remove_stale_temp_files",
 ]
+
+TEMP_TAG = ".tmp-"  # .<name>.tmp-<pid>@<host>.<random><suffix>
+_TEMP_RE = re.compile(r"^\..*\.tmp-(\d+)@([A-Za-z0-9_-]*)\.[^/]*$")
+
+
+def _host_tag() -> str:
+    """This host's name as it appears in temp-file names: [A-Za-z0-9_-] only, at most 32 characters."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:32]
+
+
+def _temp_prefix(path: str) -> str:
+    # the name is cut so that prefix + mkstemp's 8 random characters + a suffix stay within NAME_MAX (255)
+    return f".{os.path.basename(path)[:160]}{TEMP_TAG}{os.getpid()}@{_host_tag()}."
 
 
 @contextlib.contextmanager
@@ -38,7 +63,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", fsync: bool = Fal
     path = os.path.abspath(os.fspath(path))
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=suffix, dir=folder)
     os.close(fd)
     try:
         yield tmp
@@ -129,3 +154,61 @@ def rows_to_csv(rows: Sequence[Mapping]) -> str:
     for r in rows:
         w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
     return buf.getvalue()
+
+
+def temp_file_owner(name: str) -> tuple[int, str] | None:
+    """``(pid, host)`` of a temp file name made by :func:`atomic_path`, None for any other name."""
+    m = _TEMP_RE.match(os.path.basename(name))
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return True
+    return True
+
+
+def stale_temp_files(folder: str | os.PathLike, recursive: bool = True, max_age_hours: float = 24.0) -> list[str]:
+    """Orphaned :func:`atomic_path` temp files under ``folder``: made on this host by a process that is gone, or
+    (any host) last modified more than ``max_age_hours`` ago. A live writer's temp file is never listed."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        return []
+    host, now, out = _host_tag(), time.time(), []
+    walker = os.walk(folder) if recursive else [(folder, [], os.listdir(folder))]
+    for root, _dirs, names in walker:
+        for name in names:
+            owner = temp_file_owner(name)
+            if owner is None:
+                continue
+            path = os.path.join(root, name)
+            try:
+                if not os.path.isfile(path) or os.path.islink(path):
+                    continue
+                age_h = (now - os.path.getmtime(path)) / 3600.0
+            except OSError:  # removed meanwhile (its write finished)
+                continue
+            pid, from_host = owner
+            if (from_host == host and pid != os.getpid() and not _pid_alive(pid)) or age_h > max_age_hours:
+                out.append(path)
+    return sorted(out)
+
+
+def remove_stale_temp_files(
+    folder: str | os.PathLike, recursive: bool = True, max_age_hours: float = 24.0
+) -> list[str]:
+    """Remove :func:`stale_temp_files` under ``folder``; returns the removed paths."""
+    removed = []
+    for path in stale_temp_files(folder, recursive=recursive, max_age_hours=max_age_hours):
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
