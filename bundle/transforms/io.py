@@ -39,7 +39,7 @@ from monai.transforms import MapTransform
 from PIL import Image
 
 from bundle.data.datalist.schema import MAX_PIXELS
-from bundle.demographics import UNKNOWN, age_years, sex_label
+from bundle.demographics import UNKNOWN, age_from_dates, age_years, sex_label
 
 __all__ = [
     "CXRLoadError",
@@ -47,6 +47,9 @@ __all__ = [
     "check_regular_file",
     "load_cxr",
     "parse_dicom_age",
+    "dicom_age",
+    "read_dicom_demographics",
+    "DEMOGRAPHIC_TAGS",
     "LoadCXRd",
     "RADIOGRAPH_MODALITIES",
     "content_size",
@@ -152,6 +155,50 @@ def parse_dicom_age(value: Any) -> float | None:
     return age_years(value)
 
 
+#: the header elements :func:`read_dicom_demographics` reads (``specific_tags``: nothing else is parsed)
+DEMOGRAPHIC_TAGS = ("PatientSex", "PatientAge", "PatientBirthDate", "StudyDate", "AcquisitionDate")
+
+
+def dicom_age(ds) -> tuple[float | None, str | None]:
+    """``(age in years, where from)`` of a DICOM dataset: PatientAge (0010,1010) when it parses ("063Y", "006M"),
+    else PatientBirthDate (0010,0030) with StudyDate (0008,0020), or AcquisitionDate (0008,0022) when the study date
+    gives nothing (:func:`bundle.demographics.age_from_dates`: completed years); ``(None, None)`` when neither does."""
+    age = parse_dicom_age(ds.get("PatientAge"))
+    if age is not None:
+        return age, "PatientAge"
+    birth = ds.get("PatientBirthDate")
+    for keyword in ("StudyDate", "AcquisitionDate"):
+        age = age_from_dates(birth, ds.get(keyword))
+        if age is not None:
+            return age, "PatientBirthDate"
+    return None, None
+
+
+def read_dicom_demographics(path) -> dict:
+    """Sex and age from a DICOM file's header alone: ``{"sex": "M"/"F"/None, "age": years or None, "age_from":
+    "PatientAge"/"PatientBirthDate"/None}``; ``{}`` for a PNG/JPEG or a file whose header does not parse.
+
+    Reads only :data:`DEMOGRAPHIC_TAGS` (``pydicom.dcmread(stop_before_pixels=True, specific_tags=...)``): no pixel
+    is read or decoded, so the evaluation can join demographics to images the loader already decoded. Never raises.
+    """
+    import pydicom
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        if head.startswith(_PNG_SIG) or head.startswith(_JPEG_SIG):
+            return {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # odd headers: what parses is used, the rest stays unknown
+            ds = pydicom.dcmread(
+                path, stop_before_pixels=True, specific_tags=list(DEMOGRAPHIC_TAGS), force=head[128:132] != b"DICM"
+            )
+        age, age_from = dicom_age(ds)
+        return {"sex": _parse_sex(ds.get("PatientSex")), "age": age, "age_from": age_from}
+    except Exception:  # noqa: BLE001  (unreadable header: the demographics stay unknown, and are counted as such)
+        return {}
+
+
 def _parse_sex(value: Any) -> str | None:
     """DICOM PatientSex -> "M"/"F" (:func:`bundle.demographics.sex_label`), None when unknown ("O", empty) so
     that LoadCXRd only fills a record's sex from a header that knows it."""
@@ -165,7 +212,7 @@ def _dicom_meta(ds, path) -> dict:
     return {
         "format": "dicom",
         "sex": _parse_sex(ds.get("PatientSex")),
-        "age": parse_dicom_age(ds.get("PatientAge")),
+        "age": dicom_age(ds)[0],
         "modality": str(ds.get("Modality", "") or "").strip().upper() or None,
         "view": view,
         "photometric": str(ds.get("PhotometricInterpretation", "") or "").strip().upper() or None,
@@ -183,25 +230,27 @@ def content_size(h: int, w: int, size: int) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------- resizing
-def _resize_area(img: np.ndarray, hw: tuple[int, int], shift: float = 0.0) -> np.ndarray:
+def _resize_area(
+    img: np.ndarray, hw: tuple[int, int], box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
     """Area (box) downsampling of a float32 (H, W) image with PIL: integer reduce() first, then an exact BOX resize.
 
     PIL's BOX filter weights partially covered source pixels, i.e. it is true area averaging; reduce() by the integer
-    part of the factor first is the same average computed faster. ``shift`` (source pixels) moves the sampling grid:
-    used to re-centre JPEG 2000 reduced-resolution images (see _decode_j2k_reduced).
+    part of the factor first is the same average computed faster. ``box`` (x0, y0, x1, y1, in source pixels, PIL's
+    convention: pixel i covers [i, i + 1)) is the source region that maps onto the output: used to place JPEG 2000
+    reduced-resolution images on the native field of view (see _decode_j2k_reduced).
     """
     h, w = hw
-    if img.shape == (h, w) and not shift:
+    if img.shape == (h, w) and box is None:
         return img
     src = np.ascontiguousarray(img, dtype=np.float32)
-    if shift:
-        # PIL refuses boxes outside the image: pad one edge pixel, then sample [shift, size + shift)
+    if box is not None:
+        # PIL refuses boxes outside the image: pad one edge pixel, then sample the box shifted by that pixel
         pim = Image.fromarray(np.pad(src, 1, mode="edge"), mode="F")
-        sh, sw = src.shape
-        box = (1 + shift, 1 + shift, 1 + shift + sw, 1 + shift + sh)
+        padded = tuple(1.0 + float(v) for v in box)
         # bilinear (PIL widens its support when shrinking, so it still anti-aliases the remaining factor < 2);
         # PIL's BOX ignores sub-pixel box offsets at scales near 1 (measured), which would undo the shift
-        return np.asarray(pim.resize((w, h), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
+        return np.asarray(pim.resize((w, h), Image.Resampling.BILINEAR, box=padded), dtype=np.float32)
     pim = Image.fromarray(src, mode="F")
     fy, fx = img.shape[0] // h, img.shape[1] // w
     f = min(fx, fy)
@@ -375,7 +424,14 @@ def _j2k_codestream_info(cs: bytes) -> dict | None:
         siz = cs[6 : 4 + lsiz]
         csiz = struct.unpack(">H", siz[34:36])[0]
         ssiz = siz[36]
-        info = {"components": csiz, "signed": bool(ssiz & 0x80), "precision": (ssiz & 0x7F) + 1, "levels": None}
+        xo, yo = struct.unpack(">II", siz[10:18])  # XOsiz, YOsiz (after Rsiz, Xsiz, Ysiz)
+        info = {
+            "components": csiz,
+            "signed": bool(ssiz & 0x80),
+            "precision": (ssiz & 0x7F) + 1,
+            "levels": None,
+            "offset": (xo, yo),
+        }
         pos = 4 + lsiz
         while pos + 4 <= len(cs):
             marker, length = struct.unpack(">HH", cs[pos : pos + 4])
@@ -449,21 +505,53 @@ def _dicom_frame_bytes(ds) -> bytes:
     return next(generate_frames(ds.PixelData, number_of_frames=1))
 
 
+def _pillow_j2k_level(cs: bytes, r: int, rows: int, cols: int) -> np.ndarray:
+    """Resolution level r of a one-component J2K codestream, decoded by Pillow's OpenJPEG codec.
+
+    OpenJPEG returns ceil(n / 2^r) samples per axis (image offset 0). Pillow (13.0) sizes its reduced image as
+    round(n / 2^r) instead, so for sizes where the two differ (1841 at r = 2 or 3, ...) its public ``reduce``
+    fails with "broken data stream". There the image size and the tile are set to OpenJPEG's size before loading,
+    which is what Pillow's own ``load()`` does with its rounded size (private ``_size``/``tile``; the shape check
+    below and tests/test_jpeg2000.py catch a Pillow that changes them, and the caller then decodes in full).
+    pylibjpeg-openjpeg (2.6) has no reduce option, hence Pillow.
+    """
+    from PIL import ImageFile
+
+    power = 1 << r
+    size = (-(-cols // power), -(-rows // power))  # (width, height), ceil division like OpenJPEG
+    im = Image.open(io.BytesIO(cs))
+    if im.size != (cols, rows):
+        raise ValueError(f"codestream is {im.size[0]} x {im.size[1]}, header says {cols} x {rows}")
+    if tuple(int((n + (power >> 1)) / power) for n in im.size) == size:
+        im.reduce = r  # Pillow's size agrees with OpenJPEG's: the public path
+    else:
+        t = im.tile[0]
+        im._size = size
+        im.tile = [ImageFile._Tile(t[0], (0, 0, *size), t[2], (t[3][0], r, *t[3][2:]))]
+    im.load()
+    arr = np.asarray(im)
+    if arr.shape != (size[1], size[0]):
+        raise ValueError(f"reduced decode gave {arr.shape}, expected {(size[1], size[0])}")
+    return arr
+
+
 def _decode_j2k_reduced(ds, target_size: int | None):
     """Decode a JPEG 2000 frame at a reduced resolution (2^-r) with Pillow/OpenJPEG when the target size allows.
 
-    Returns (stored values at reduced size (integers, same scale as pixel_array), grid shift in reduced pixels),
-    or None to use the full decoder. Only r with Rows and Columns divisible by 2^r is used, so the reduced grid
-    covers exactly the native field of view; r never takes the longer side below the target size.
-    The wavelet low-pass sample n of level r is centred on native pixel 2^r * n, not on the centre of the block
-    [2^r n, 2^r (n + 1)) that area averaging uses: the reduced image sits (2^r - 1) / 2^(r + 1) reduced pixels
-    off the area grid (0.44 px for r = 3), which the caller's resize compensates.
+    Returns (stored values at reduced size (integers, same scale as pixel_array), source box for the resize),
+    or None to use the full decoder. Any image size works: level r has ceil(Rows / 2^r) x ceil(Columns / 2^r)
+    samples; r never takes the longer side below the target size and never exceeds the codestream's levels.
+    Geometry: the wavelet low-pass sample n of level r is centred on native pixel 2^r * n (image offset 0), so
+    in the reduced image's pixel coordinates (PIL: sample n covers [n, n + 1)) the native field of view
+    [0, Columns) x [0, Rows) is the box [s, s + Columns / 2^r) x [s, s + Rows / 2^r), s = (2^r - 1) / 2^(r + 1)
+    (0.44 px for r = 3). Resizing that box gives the same output grid as the full decode + area resize, for even
+    and odd sizes alike.
     """
     if not target_size:
         return None
     rows, cols = int(ds.Rows), int(ds.Columns)
     r = 0
-    while max(rows, cols) // (2 ** (r + 1)) >= target_size and rows % 2 ** (r + 1) == 0 and cols % 2 ** (r + 1) == 0:
+    while max(rows, cols) >> (r + 1) >= target_size:
         r += 1
     if r == 0:
         return None
@@ -471,18 +559,17 @@ def _decode_j2k_reduced(ds, target_size: int | None):
     info = _j2k_codestream_info(cs)
     if not info or info["components"] != 1 or info["signed"] or info["precision"] > 16 or not info["levels"]:
         return None
-    r = min(r, info["levels"])
-    im = Image.open(io.BytesIO(cs))
-    im.reduce = r
-    im.load()
-    arr = np.asarray(im)
-    if arr.shape != (rows >> r, cols >> r):
+    if info["offset"] != (0, 0):  # sample positions depend on the offset's parity; rare: the full decoder decides
         return None
+    r = min(r, info["levels"])
+    arr = _pillow_j2k_level(cs, r, rows, cols)
     if arr.dtype == np.uint16 and info["precision"] < 16:
         # Pillow left-aligns n-bit samples in 16 bits; bring them back to stored values (rounded)
         shift = 16 - info["precision"]
         arr = ((arr.astype(np.uint32) + (1 << (shift - 1))) >> shift).astype(np.uint16)
-    return arr, (2**r - 1) / 2 ** (r + 1)
+    power = 1 << r
+    s = (power - 1) / (2 * power)
+    return arr, (s, s, s + cols / power, s + rows / power)
 
 
 def _decode_jpeg_draft(ds, target_size: int | None):
@@ -645,10 +732,10 @@ def _load_dicom(path, target_size: int | None, max_pixels: int | None = None, fi
     ts = meta["transfer_syntax"] or ""
     if ts in _J2K_UIDS or ts in _JPEGLS_UIDS or ts.startswith("1.2.840.10008.1.2.4."):
         _check_codestream(ds, path, max_pixels)
-    arr, shift = None, 0.0
+    arr, box = None, None
     try:
         if ts in _J2K_UIDS:
-            arr, shift = _decode_j2k_reduced(ds, target_size) or (None, 0.0)
+            arr, box = _decode_j2k_reduced(ds, target_size) or (None, None)
         elif ts == _JPEG_BASELINE_UID and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
             arr = _decode_jpeg_draft(ds, target_size)
     except BaseException as e:  # noqa: B036  (any trouble with the fast paths: the reference decoder decides)
@@ -696,7 +783,7 @@ def _load_dicom(path, target_size: int | None, max_pixels: int | None = None, fi
         img = np.take(lut, index)
     else:  # float or 32-bit pixel data: apply the same functions per pixel
         img = _display_lut(ds, arr, path)
-    return img, meta, shift
+    return img, meta, box
 
 
 # ----------------------------------------------------------------------------------------------- public API
@@ -763,10 +850,10 @@ def load_cxr(
         raise TypeError(f"load_cxr: path must be a file path, got {type(path).__name__}")
     st = check_regular_file(path, data_root)
     kind = _sniff(path, max_pixels)
-    shift = 0.0
+    box = None  # the source box of a JPEG 2000 reduced-resolution decode (see _decode_j2k_reduced)
     try:
         if kind == "dicom":
-            img, meta, shift = _load_dicom(path, target_size, max_pixels, st.st_size)
+            img, meta, box = _load_dicom(path, target_size, max_pixels, st.st_size)
         else:
             img, meta = _load_pil(path, kind, target_size, max_pixels)
     except CXRLoadError:
@@ -783,7 +870,7 @@ def load_cxr(
     if target_size:
         h, w = meta["orig_size"]
         if max(h, w) > target_size:
-            img = _resize_area(img, content_size(h, w, target_size), shift)
+            img = _resize_area(img, content_size(h, w, target_size), box)
     img = np.ascontiguousarray(img, dtype=np.float32)
     if not img.flags.writeable:  # arrays viewed from PIL images are read-only; torch wants writable memory
         img = img.copy()
