@@ -4,7 +4,9 @@
     python scripts/run_study.py --profile quick                 # the positive control on this machine
     python scripts/run_study.py --profile quick --dry-run       # the runs and their status, nothing started
     python scripts/run_study.py --workers 2                     # two trainings at a time (threads split)
-    python scripts/run_study.py --shard 1/3 --tracking-uri http://mlflow:5000   # machine 1 of 3 (shared folder)
+    python scripts/run_study.py --executor ray --address auto --output-dir /shared/study --threads 4 --gpus-per-run 1
+                                                                # one Ray task per run on a Ray cluster
+    python scripts/run_study.py --shard 1/3 --tracking-uri http://mlflow:5000   # invocation 1 of 3 (shared folder)
     python scripts/run_study.py --profile quick --train max_epochs=3 --set seeds=[0,1] --name quick_e3
     python scripts/run_study.py --only 'p1.00_*' --only 'random_*'
 

@@ -17,7 +17,9 @@ The modules, each importing only those above it (no cycle):
     config      configs/study.yaml + profile + overrides -> StudyConfig; ReportOptions (the report's defaults)
     tracking    the MLflow parent run, child-run cleanup, logging the report
     report/     collect (runs, aggregation, best p), tables (Table 2, counts, results.md), figures (Figs. 3-6)
-    runner      the threaded runner (workers, shards, resume, Ctrl-C), run_study
+    executors   one run (lock, fingerprint check, the training subprocess, DONE/FAILED), shared by the local
+                executor and the Ray executor (one Ray task per run, resources, retries)
+    runner      run_study and the local executor (threads: workers, shards, resume, Ctrl-C)
     cli         scripts/run_study.py and scripts/report.py
 
 See docs/study.md.

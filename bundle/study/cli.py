@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import yaml
 
-from bundle.study.config import DEFAULT_STUDY_YAML, ReportOptions, load_study_config
+from bundle.study.config import DEFAULT_STUDY_YAML, EXECUTORS, RayOptions, ReportOptions, load_study_config
+from bundle.study.executors import RAY_PIN, RayMissingError
 from bundle.study.report import make_merged_report, make_report
 from bundle.study.runner import run_study
 
@@ -50,10 +51,50 @@ def run_study_main(argv: Sequence[str] | None = None, description: str | None = 
     ap.add_argument("--profile", default=None, help="a profile of the YAML: default, quick, paper, smoke, ...")
     ap.add_argument("--name", default=None, help="study name (folder <output_root>/<name>); default: the profile's")
     ap.add_argument("--output-dir", default=None, help="the study folder itself (overrides output_root/name)")
-    ap.add_argument("--workers", type=int, default=1, help="trainings at a time on this machine (default 1)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads per training (default cores // workers)")
-    ap.add_argument("--gpus", default=None, help="comma-separated GPU ids; worker k uses GPU k mod len (e.g. 0,1)")
-    ap.add_argument("--shard", default=None, help="i/n: this machine takes every n-th run starting at the i-th")
+    ap.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=None,
+        help="local: subprocesses on this machine (default); ray: one Ray task per run on a Ray cluster (needs "
+        f"pip install {RAY_PIN})",
+    )
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="local: trainings at a time on this machine (default 1); ray: at most this many runs in flight "
+        "(default: as many as the cluster's resources allow)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per training (local default cores // workers; ray: the task's num_cpus, default "
+        "ray.cpus_per_run = 1)",
+    )
+    ap.add_argument("--gpus", default=None, help="local: comma-separated GPU ids; worker k uses GPU k mod len (0,1)")
+    ap.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster (auto = the one this node belongs to, host:6379, ray://host:10001, local = a new "
+        "local instance); default ray.address of the YAML, else $RAY_ADDRESS, else a new local instance",
+    )
+    ap.add_argument("--gpus-per-run", type=float, default=None, help="ray: num_gpus of each run (e.g. 1, or 0.5)")
+    ap.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        help="ray: retries of a failed training (each resumes from the run's checkpoints; default ray.max_retries = 2)",
+    )
+    ap.add_argument(
+        "--ray-num-cpus", type=int, default=None, help="ray: the CPUs a new local instance offers (default all)"
+    )
+    ap.add_argument(
+        "--shard",
+        default=None,
+        help="local only: i/n, this invocation takes every n-th run starting at the i-th (SLURM arrays on a "
+        "filesystem whose locks are node-local; docs/study.md)",
+    )
     ap.add_argument(
         "--only",
         action="append",
@@ -98,6 +139,21 @@ def run_study_main(argv: Sequence[str] | None = None, description: str | None = 
             tracking_uri=args.tracking_uri,
         )
         gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        ray_set = {
+            k: v
+            for k, v in {
+                "address": args.address,
+                "gpus_per_run": args.gpus_per_run,
+                "max_retries": args.max_retries,
+                "num_cpus": args.ray_num_cpus,
+            }.items()
+            if v is not None
+        }
+        executor = args.executor or cfg.executor
+        if ray_set and executor != "ray":
+            flags = ", ".join("--" + k.replace("_", "-") for k in ray_set).replace("--num-cpus", "--ray-num-cpus")
+            raise ValueError(f"{flags} only apply to --executor ray (the study's executor is {executor})")
+        ray_opts = RayOptions.resolve({**cfg.ray.to_dict(), **ray_set}, "command line")
         res = run_study(
             cfg,
             workers=args.workers,
@@ -108,8 +164,10 @@ def run_study_main(argv: Sequence[str] | None = None, description: str | None = 
             redo_stale=args.redo_stale,
             threads=args.threads,
             gpus=gpus,
+            executor=executor,
+            ray=ray_opts,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RayMissingError, ConnectionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if res.interrupted:

@@ -22,6 +22,8 @@ __all__ = [
     "STUDY_KEYS",
     "DEFAULT_COMMAND",
     "ReportOptions",
+    "RayOptions",
+    "EXECUTORS",
     "StudyConfig",
     "load_study_config",
     "deep_merge",
@@ -59,7 +61,10 @@ STUDY_KEYS = (
     "profiles",
     "default_profile",
     "description",
+    "executor",
+    "ray",
 )
+EXECUTORS = ("local", "ray")
 DEFAULT_COMMAND = ["{python}", "-m", "monai.bundle", "run", "training", "--config_file", "{config_file}"]
 
 
@@ -100,6 +105,41 @@ class ReportOptions:
         return d
 
 
+@dataclass(frozen=True)
+class RayOptions:
+    """The ``ray`` section of the study YAML (``--executor ray``; docs/study.md), the only copy of its defaults."""
+
+    address: str | None = None  # None: $RAY_ADDRESS, else a new local instance; "local", "auto", host:6379, ray://
+    cpus_per_run: float = 1  # num_cpus of each run's task = the training's OMP/MKL threads
+    gpus_per_run: float = 0  # num_gpus of each run's task (Ray sets CUDA_VISIBLE_DEVICES; 0.5 = two runs per GPU)
+    max_retries: int = 2  # a failed training is retried at most this many times (resuming from its checkpoints)
+    num_cpus: int | None = None  # a new local instance only: the CPUs it offers (None: all cores)
+
+    @classmethod
+    def resolve(cls, section: Mapping | None, where: str = "study config") -> RayOptions:
+        """The defaults updated by ``section``; an unknown key or a bad value is an error naming the field."""
+        section = dict(section or {})
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(section) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) ray.{unknown}; valid: {known}")
+        opts = cls(**section)
+        if opts.address is not None and not isinstance(opts.address, str):
+            raise ValueError(f"{where}: ray.address must be a string (auto, local, host:6379, ray://host:10001)")
+        for k, lo in (("cpus_per_run", 0.0), ("gpus_per_run", 0.0)):
+            v = getattr(opts, k)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < lo or (k == "cpus_per_run" and v <= 0):
+                raise ValueError(f"{where}: ray.{k} must be a number {'> 0' if k == 'cpus_per_run' else '>= 0'}")
+        if isinstance(opts.max_retries, bool) or not isinstance(opts.max_retries, int) or opts.max_retries < 0:
+            raise ValueError(f"{where}: ray.max_retries must be an integer >= 0, got {opts.max_retries!r}")
+        if opts.num_cpus is not None and (not isinstance(opts.num_cpus, int) or opts.num_cpus < 1):
+            raise ValueError(f"{where}: ray.num_cpus must be null or an integer >= 1, got {opts.num_cpus!r}")
+        return opts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class StudyConfig:
     name: str
@@ -117,6 +157,8 @@ class StudyConfig:
     dropped_train_overrides: dict = field(default_factory=dict)
     description: str = ""
     settings: list[Setting] = field(default_factory=list)
+    executor: str = "local"  # how runs are executed; not part of a run's fingerprint (the runs are identical)
+    ray: RayOptions = field(default_factory=RayOptions)
 
     @property
     def runs(self) -> list[RunSpec]:
@@ -142,6 +184,8 @@ class StudyConfig:
             "dropped_train_overrides": self.dropped_train_overrides,
             "description": self.description,
             "settings": [s.fields() for s in self.settings],
+            "executor": self.executor,
+            "ray": self.ray.to_dict(),
         }
 
 
@@ -287,6 +331,10 @@ def load_study_config(
             "(grid.*, seeds) or the study options (--tracking-uri, experiment_name) instead"
         )
     uri = tracking_uri or cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or _sqlite_uri(sdir)
+    executor = cfg.get("executor") or "local"
+    if executor not in EXECUTORS:
+        raise ValueError(f"{where_p}: executor {executor!r} is not one of {list(EXECUTORS)} (--executor)")
+    ray_opts = RayOptions.resolve(cfg.get("ray"), where_p)
     # the recorded report section: every option (the defaults of ReportOptions under the YAML's), unknown keys kept
     report = deep_merge(ReportOptions().to_dict(), cfg.get("report") or {})
     return StudyConfig(
@@ -305,4 +353,6 @@ def load_study_config(
         description=str(cfg.get("description") or ""),
         settings=settings,
         dropped_train_overrides=dropped,
+        executor=executor,
+        ray=ray_opts,
     )

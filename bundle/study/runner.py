@@ -1,4 +1,5 @@
-"""The study runner: every unfinished run of this machine's share, ``workers`` training subprocesses at a time.
+"""The study runner: every unfinished run of this machine's share, executed locally (``workers`` training
+subprocesses at a time) or as Ray tasks on a cluster (bundle/study/executors.py).
 
 Each run holds its folder's lock while it trains (the child inherits it), writes ``setting.json`` before and
 ``DONE`` / ``FAILED`` after; a crash of one run never stops the study, Ctrl-C / SIGTERM stop the children (they
@@ -8,10 +9,10 @@ resume next time). At the end the parent MLflow run gets its status and the repo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,39 +20,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bundle.study.config import StudyConfig, resolve_path
+from bundle.study.config import EXECUTORS, RayOptions, StudyConfig, resolve_path
+from bundle.study.executors import RunJob, RunOutcome, execute_run, format_duration, import_ray, run_on_ray
 from bundle.study.grid import RunSpec, select_runs, train_command
-from bundle.study.layout import (
-    BUNDLE_ROOT,
-    CONFIG_FILE,
-    DONE,
-    FAILED,
-    LOG,
-    SETTING,
-    config_fingerprint,
-    expects_summary,
-    fingerprint,
-    log_tail,
-    read_json,
-    run_status,
-    summary_path,
-    try_run_lock,
-    wipe_run_dir,
-    write_record,
-)
+from bundle.study.layout import BUNDLE_ROOT, CONFIG_FILE, DONE, fingerprint, read_json, run_status, write_record
 from bundle.study.report import make_report
-from bundle.study.tracking import delete_child_runs, ensure_parent_run, finish_parent_run
+from bundle.study.tracking import ensure_parent_run, finish_parent_run
 
 __all__ = ["StudyResult", "run_study", "resolve_datalist", "format_duration"]
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds:
-        return "?"
-    s = int(round(seconds))
-    h, rem = divmod(s, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
 def resolve_datalist(cfg: StudyConfig) -> str:
@@ -96,166 +72,80 @@ class StudyResult:
         return not self.failed and not self.interrupted
 
 
-class _Runner:
-    def __init__(
-        self,
-        cfg: StudyConfig,
-        specs: list[RunSpec],
-        workers: int,
-        threads: int,
-        env: Mapping,
-        datalist_file: str | None,
-        parent_run_id: str | None,
-        gpus: Sequence[str] | None,
-        redo_stale: bool,
-        log: Callable[[str], None],
-        total: int,
-        prior_durations: list[float],
-    ):
-        self.cfg, self.specs, self.workers, self.threads = cfg, specs, workers, threads
-        self.env, self.datalist, self.parent = dict(env), datalist_file, parent_run_id
-        self.gpus, self.redo_stale, self.log = list(gpus or []), redo_stale, log
-        self.queue = list(specs)
+class _Progress:
+    """The outcomes of this invocation's runs and the progress line of each finished one (both executors)."""
+
+    def __init__(self, total: int, n_done_before: int, slots: int, prior_durations: list[float], log):
+        self.total, self.n_done_before, self.slots, self.log = total, n_done_before, slots, log
+        self.durations = list(prior_durations)
+        self.finished, self.failed, self.busy = [], [], []
+        self.lock = threading.Lock()
+        self.t0 = time.time()
+
+    def add(self, out: RunOutcome, left: int) -> None:
+        """``left``: the runs still queued or running after this one."""
+        for m in out.messages:
+            self.log(m)
+        with self.lock:
+            if out.status == "busy":
+                self.busy.append(out.run_id)
+            elif out.status == "failed":
+                self.failed.append(out.run_id)
+            elif out.status == "finished":
+                self.finished.append(out.run_id)
+                self.durations.append(out.elapsed)
+            n_fin, n_fail = len(self.finished), len(self.failed)
+            mean = sum(self.durations) / len(self.durations) if self.durations else None
+        if out.status == "failed":
+            self.log(out.failure_text())
+        elif out.status == "finished":
+            eta = mean * left / max(1, min(self.slots, left)) if mean is not None and left else 0.0
+            self.log(
+                f"[{self.n_done_before + n_fin}/{self.total}] {out.run_id} done in {format_duration(out.elapsed)} "
+                f"on {out.host} | this invocation: {n_fin} done, {n_fail} failed, {left} to go | elapsed "
+                f"{format_duration(time.time() - self.t0)}, ETA {format_duration(eta)}"
+            )
+
+
+class _LocalRunner:
+    """The local executor: ``workers`` threads, each running :func:`execute_run` for one run at a time."""
+
+    def __init__(self, jobs: list[RunJob], env: Mapping, gpus: Sequence[str] | None, progress: _Progress):
+        self.queue, self.env, self.gpus, self.progress = list(jobs), dict(env), list(gpus or []), progress
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.durations = list(prior_durations)
-        self.finished, self.failed, self.busy = [], [], []
-        self.total, self.n_done_before = total, 0
-        self.t0 = time.time()
 
-    def _next(self) -> RunSpec | None:
+    def _next(self) -> RunJob | None:
         with self.lock:
             return self.queue.pop(0) if self.queue and not self.stop.is_set() else None
 
-    def worker(self, slot: int) -> None:
-        while (spec := self._next()) is not None:
-            try:
-                self.run_one(spec, slot)
-            except Exception as e:  # a runner bug for one run must not end the study
-                with self.lock:
-                    self.failed.append(spec.run_id)
-                self.log(f"ERROR {spec.run_id}: {type(e).__name__}: {e}")
-
-    def run_one(self, spec: RunSpec, slot: int) -> None:
-        cfg = self.cfg
-        rdir = cfg.run_dir(spec)
-        fp = fingerprint(cfg, spec, self.datalist)
-        cfp = config_fingerprint(cfg, spec, self.datalist)
-        os.makedirs(rdir, exist_ok=True)
-        with try_run_lock(rdir) as fd:
-            if fd is None:
-                with self.lock:
-                    self.busy.append(spec.run_id)
-                self.log(f"skip {spec.run_id}: another worker or machine is running it")
-                return
-            done = read_json(os.path.join(rdir, DONE))
-            if done is not None:
-                if done.get("fingerprint") in (None, fp) or not self.redo_stale:
-                    return  # finished meanwhile by another machine (or stale, kept)
-                self.log(f"redo {spec.run_id}: finished with another configuration (--redo-stale)")
-                delete_child_runs(cfg, self.parent, spec.run_id, self.log)
-                wipe_run_dir(rdir)
-            prev = read_json(os.path.join(rdir, SETTING))
-            if prev is not None and prev.get("fingerprint") != fp:
-                self.log(f"restart {spec.run_id}: its unfinished attempt used another configuration")
-                wipe_run_dir(rdir)
-            cmd = train_command(cfg, spec, self.datalist, self.parent)
-            write_record(
-                os.path.join(rdir, SETTING),
-                {
-                    **spec.fields(),
-                    "fingerprint": fp,
-                    "config_fingerprint": cfp,
-                    "command": cmd,
-                    "study": cfg.name,
-                    "profile": cfg.profile,
-                },
-            )
-            if os.path.exists(os.path.join(rdir, FAILED)):
-                os.remove(os.path.join(rdir, FAILED))
-            env = {
-                **self.env,
-                "OMP_NUM_THREADS": str(self.threads),
-                "MKL_NUM_THREADS": str(self.threads),
-                "MLFLOW_TRACKING_URI": cfg.tracking_uri,
-            }
-            if self.gpus:
-                env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
-            t0 = time.time()
-            with open(os.path.join(rdir, LOG), "ab") as logf:
-                logf.write(f"\n===== {time.strftime('%F %T')} on {socket.gethostname()}: {shlex.join(cmd)}\n".encode())
-                logf.flush()
-                try:
-                    proc = subprocess.Popen(
-                        cmd,
-                        cwd=BUNDLE_ROOT,
-                        env=env,
-                        stdout=logf,
-                        stderr=subprocess.STDOUT,
-                        stdin=subprocess.DEVNULL,
-                        pass_fds=(fd,),
-                    )
-                except OSError as e:
-                    rc, proc = f"could not start ({e})", None
-                if proc is not None:
-                    with self.lock:
-                        self.procs[spec.run_id] = proc
-                    rc = proc.wait()
-                    with self.lock:
-                        self.procs.pop(spec.run_id, None)
-            elapsed = time.time() - t0
-            if self.stop.is_set() or rc in (-signal.SIGINT, 130, -signal.SIGTERM, 143):
-                self.log(f"interrupted {spec.run_id} after {format_duration(elapsed)}: resumes next time")
-                return  # Ctrl-C / SIGTERM: unfinished, not failed; the training resumes from its last checkpoint
-            summ = summary_path(cfg, spec)
-            if rc == 0 and (not expects_summary(cfg) or os.path.isfile(summ)):
-                write_record(
-                    os.path.join(rdir, DONE),
-                    {
-                        **spec.fields(),
-                        "fingerprint": fp,
-                        "config_fingerprint": cfp,
-                        "elapsed_s": round(elapsed, 1),
-                        "host": socket.gethostname(),
-                        "finished": time.strftime("%FT%T"),
-                        "summary": os.path.relpath(summ, rdir),
-                    },
-                )
-                with self.lock:
-                    self.finished.append(spec.run_id)
-                    self.durations.append(elapsed)
-                self._progress(spec, elapsed)
-            else:
-                why = f"exit code {rc}" if rc != 0 else f"exit code 0 but no {os.path.relpath(summ, rdir)}"
-                write_record(
-                    os.path.join(rdir, FAILED),
-                    {
-                        "returncode": rc if isinstance(rc, int) else None,
-                        "why": why,
-                        "at": time.strftime("%FT%T"),
-                        "host": socket.gethostname(),
-                    },
-                )
-                with self.lock:
-                    self.failed.append(spec.run_id)
-                self.log(
-                    f"FAILED {spec.run_id} after {format_duration(elapsed)} ({why}); log: "
-                    f"{os.path.join(rdir, LOG)}\n    " + log_tail(os.path.join(rdir, LOG)).replace("\n", "\n    ")
-                )
-
-    def _progress(self, spec: RunSpec, elapsed: float) -> None:
+    def _track(self, run_id: str, proc: subprocess.Popen | None) -> None:
         with self.lock:
-            n_fin, n_fail = len(self.finished), len(self.failed)
-            left = len(self.queue) + len(self.procs)
-            mean = sum(self.durations) / len(self.durations) if self.durations else None
-        done_total = self.n_done_before + n_fin
-        eta = mean * left / max(1, min(self.workers, left)) if mean is not None and left else 0.0
-        self.log(
-            f"[{done_total}/{self.total}] {spec.run_id} done in {format_duration(elapsed)} | this invocation: "
-            f"{n_fin} done, {n_fail} failed, {left} to go | elapsed {format_duration(time.time() - self.t0)}, "
-            f"ETA {format_duration(eta)}"
-        )
+            if proc is None:
+                self.procs.pop(run_id, None)
+            else:
+                self.procs[run_id] = proc
+
+    def worker(self, slot: int) -> None:
+        while (job := self._next()) is not None:
+            rid = job.spec.run_id
+            try:
+                out = execute_run(
+                    job,
+                    self.env,
+                    gpu=self.gpus[slot % len(self.gpus)] if self.gpus else None,
+                    on_start=lambda p, rid=rid: self._track(rid, p),
+                    should_stop=self.stop.is_set,
+                )
+            except Exception as e:  # a runner bug for one run must not end the study
+                self.progress.log(f"ERROR {rid}: {type(e).__name__}: {e}")
+                with self.progress.lock:
+                    self.progress.failed.append(rid)
+                continue
+            with self.lock:
+                left = len(self.queue) + len(self.procs)
+            self.progress.add(out, left)
 
     def terminate(self, grace: float = 20.0) -> None:
         self.stop.set()
@@ -271,10 +161,27 @@ class _Runner:
             except subprocess.TimeoutExpired:
                 p.kill()
 
+    def run(self, workers: int, log) -> bool:
+        """Run the queue; True when interrupted (Ctrl-C / SIGTERM)."""
+        pool = [threading.Thread(target=self.worker, args=(k,), daemon=True) for k in range(workers)]
+        try:
+            for t in pool:
+                t.start()
+            while any(t.is_alive() for t in pool):
+                for t in pool:
+                    t.join(0.2)
+        except KeyboardInterrupt:
+            log("interrupted: stopping the running trainings (they resume from their last checkpoint next time)")
+            self.terminate()
+            for t in pool:
+                t.join(5)
+            return True
+        return False
+
 
 def run_study(
     cfg: StudyConfig,
-    workers: int = 1,
+    workers: int | None = None,
     shard: tuple[int, int] | None = None,
     only: Sequence[str] | None = None,
     dry_run: bool = False,
@@ -284,17 +191,44 @@ def run_study(
     gpus: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
     env: Mapping | None = None,
+    executor: str | None = None,
+    ray: RayOptions | None = None,
 ) -> StudyResult:
     """Train (and evaluate) every unfinished run of the study (this shard's share, matching ``only``).
 
-    ``workers`` subprocesses at a time, each with ``threads`` CPU threads (default: cores // workers). A failing run is
-    reported and left for the next invocation; Ctrl-C / SIGTERM stops the children (they resume next time).
-    ``dry_run`` only reports each run's status. At the end (unless ``report`` is False) the report is written,
-    for a shard only once the whole study is finished.
+    ``executor`` (default ``cfg.executor``): ``local`` runs ``workers`` (default 1) subprocesses at a time on this
+    machine, each with ``threads`` CPU threads (default: cores // workers), worker k on GPU ``gpus[k % len]``;
+    ``ray`` runs each run as a Ray task (``ray``, default ``cfg.ray``: address, CPUs and GPUs per run, retries;
+    ``threads`` overrides ``ray.cpus_per_run``, ``workers`` caps the runs in flight). Both execute the same
+    subprocess (:func:`bundle.study.executors.execute_run`). A failing run is reported and left for the next
+    invocation; Ctrl-C / SIGTERM stops the children (they resume next time). ``dry_run`` only reports each run's
+    status. At the end (unless ``report`` is False) the report is written, for a shard only once the whole study is
+    finished.
     """
     log = log or (lambda s: print(s, flush=True))
-    if workers < 1:
+    executor = executor or cfg.executor
+    ray_opts = ray or cfg.ray
+    if executor not in EXECUTORS:
+        raise ValueError(f"--executor {executor!r}: choose one of {list(EXECUTORS)}")
+    if workers is not None and workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    if executor == "ray":
+        if not dry_run:
+            import_ray()  # a missing Ray is one clear line before anything is prepared
+        if shard:
+            raise ValueError(
+                "--shard splits a study between independent invocations; with --executor ray one invocation "
+                "schedules every run on the whole cluster: drop --shard"
+            )
+        if gpus:
+            raise ValueError(
+                "--gpus pins local workers to GPU ids; with --executor ray give --gpus-per-run N (Ray assigns the "
+                "GPUs and sets CUDA_VISIBLE_DEVICES)"
+            )
+        if threads is not None:
+            ray_opts = dataclasses.replace(ray_opts, cpus_per_run=threads)
     all_runs = cfg.runs
     specs = select_runs(all_runs, shard, only)
     if only and not specs:
@@ -315,9 +249,13 @@ def run_study(
         _print_plan(cfg, specs, statuses, shard, datalist, log)
         return res
     os.makedirs(cfg.study_dir, exist_ok=True)
-    threads = threads or max(
-        1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // workers
-    )
+    if executor == "ray":
+        threads = max(1, int(ray_opts.cpus_per_run))
+    else:
+        workers = workers or 1
+        threads = threads or max(
+            1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) // workers
+        )
     todo = [
         s
         for s in specs
@@ -338,27 +276,18 @@ def run_study(
         for s in specs
         if (d := read_json(os.path.join(cfg.run_dir(s), DONE))) and isinstance(d.get("elapsed_s"), int | float)
     ]
+    how = (
+        f"{workers} worker(s) x {threads} thread(s)"
+        if executor == "local"
+        else f"Ray tasks of {threads} thread(s)" + (f", at most {workers} at a time" if workers else "")
+    )
     log(
         f"study {cfg.name} (profile {cfg.profile}): {len(all_runs)} runs in all, {len(specs)} selected"
         f"{f' (shard {shard[0]}/{shard[1]})' if shard else ''}, {len(res.done)} finished, {len(todo)} to run with "
-        f"{workers} worker(s) x {threads} thread(s); folder {cfg.study_dir}; MLflow {cfg.tracking_uri}"
+        f"{how}; folder {cfg.study_dir}; MLflow {cfg.tracking_uri}"
     )
-    runner = _Runner(
-        cfg,
-        todo,
-        workers,
-        threads,
-        env if env is not None else os.environ,
-        datalist,
-        parent,
-        gpus,
-        redo_stale,
-        log,
-        len(specs),
-        prior,
-    )
-    runner.n_done_before = len(specs) - len(todo)
-    pool = [threading.Thread(target=runner.worker, args=(k,), daemon=True) for k in range(min(workers, len(todo)))]
+    jobs = [RunJob(cfg, s, datalist, parent, threads, redo_stale) for s in todo]
+    progress = _Progress(len(specs), len(specs) - len(todo), workers or len(todo), prior, log)
     old_term = None
     if threading.current_thread() is threading.main_thread():
 
@@ -367,22 +296,18 @@ def run_study(
 
         old_term = signal.signal(signal.SIGTERM, _on_term)
     try:
-        for t in pool:
-            t.start()
-        while any(t.is_alive() for t in pool):
-            for t in pool:
-                t.join(0.2)
-    except KeyboardInterrupt:
-        res.interrupted = True
-        log("interrupted: stopping the running trainings (they resume from their last checkpoint next time)")
-        runner.terminate()
-        for t in pool:
-            t.join(5)
+        if jobs and executor == "ray":  # nothing to run: Ray is not even started
+            if run_on_ray(jobs, ray_opts, log, progress.add, max_in_flight=workers):
+                res.interrupted = True
+                log("interrupted: the Ray tasks were cancelled (their trainings resume from their checkpoints)")
+        elif jobs:
+            local = _LocalRunner(jobs, env if env is not None else os.environ, gpus, progress)
+            res.interrupted = local.run(min(workers, len(jobs)), log)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
-    res.finished_now, res.failed, res.skipped_busy = runner.finished, runner.failed, runner.busy
-    res.done = sorted(set(res.done) | set(runner.finished))
+    res.finished_now, res.failed, res.skipped_busy = progress.finished, progress.failed, progress.busy
+    res.done = sorted(set(res.done) | set(progress.finished))
     all_done = all(run_status(cfg, s) in ("done", "stale") for s in all_runs)
     if res.failed or res.interrupted:
         finish_parent_run(cfg, parent, "FAILED" if res.failed else "KILLED", log)
