@@ -480,8 +480,16 @@ class RunIdentity:
             return
         path = os.path.abspath(path)
         metric = metric_name or "the key metric"
+        if not self.best_model and not os.path.exists(path):
+            # nothing stale can be taken for this run's model; what needs it (the final evaluation) says it is missing
+            logger.warning(
+                f"this run saved no best model: no validation gave a finite {metric}; {path} does not exist. Check "
+                f"that the validation split has positives and negatives of every class and that val_interval <= "
+                f"max_epochs."
+            )
+            return
         if not self.best_model:
-            where = "comes from another run" if os.path.exists(path) else "does not exist"
+            where = "comes from another run"
             msg = (
                 f"this run saved no best model: no validation gave a finite {metric}, so {path} {where} and is not "
                 f"evaluated as this run's. Check that the validation split has positives and negatives of every "

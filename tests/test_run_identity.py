@@ -217,6 +217,8 @@ def test_best_model_must_be_this_runs(tmp_path):
     run.best_model = None  # no validation gave a finite metric
     with pytest.raises(RuntimeError, match=r"this run saved no best model.*comes from another run"):
         resume_ckpt.check_best_model()
+    (tmp_path / "model.pt").unlink()  # nothing there: nothing stale to take for this run's; a warning, no error
+    resume_ckpt.check_best_model()
 
 
 def test_transform_generators_are_restored_including_lazily_built_ones(tmp_path):
