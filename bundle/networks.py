@@ -13,7 +13,6 @@ See docs/model.md for shapes, presets and how to plug in Med-KEBERT or a pretrai
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from transformers import ViTConfig, ViTModel
 
 from bundle.errors import HF_DOWNLOAD, MissingWeightsError, fetch_target, looks_like_hub_id
 from bundle.text import build_text_encoder, encode_prompts, pool_text, tokenize_prompts
-from bundle.utils.atomic import read_json, write_json_atomic
+from bundle.utils.atomic import file_sha256, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -1076,14 +1075,6 @@ def network_config(net: nn.Module) -> dict:
 def config_path_for(ckpt_path: str | os.PathLike) -> str:
     """The architecture sidecar of a checkpoint: ``models/model.pt`` -> ``models/model.json``."""
     return os.path.splitext(os.fspath(ckpt_path))[0] + ".json"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bundle_version() -> str:

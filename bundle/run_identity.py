@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import torch
 
-from bundle.utils.atomic import read_json, remove_stale_temp_files, write_json_atomic
+from bundle.utils.atomic import file_sha256, read_json, remove_stale_temp_files, write_json_atomic
 from bundle.utils.dist import is_rank0, unwrap
 from bundle.utils.lock import hold_lock, lock_holder
 
@@ -115,14 +115,6 @@ def claim_output_dir(
 
 
 # ---------------------------------------------------------------------------------------------------- the fingerprint
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _sources_digest(root: str) -> str:
     """sha256 over the relative paths and contents of every ``.py`` file under ``root/bundle``."""
     h = hashlib.sha256()
@@ -318,7 +310,7 @@ class RunIdentity:
                 fp[name] = _describe_component(name, obj)
             if self.datalist_file:
                 path = os.path.abspath(os.fspath(self.datalist_file))
-                fp["data"] = {"datalist_file": path, "datalist_sha256": _sha256(path)[:16]}
+                fp["data"] = {"datalist_file": path, "datalist_sha256": file_sha256(path)[:16]}
             dist = torch.distributed
             world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             fp["distributed"] = {"world_size": world}
@@ -468,7 +460,7 @@ class RunIdentity:
             return
         self.best_model = {
             "path": path,
-            "sha256": _sha256(path),
+            "sha256": file_sha256(path),
             "epoch": int(epoch),
             "value": None if value is None or not math.isfinite(float(value)) else float(value),
         }
@@ -502,7 +494,7 @@ class RunIdentity:
             msg = f"{path} is not where this run saved its best model ({rec['path']}); evaluate that file instead"
             logger.error(msg)
             raise RuntimeError(msg)
-        actual = _sha256(path) if os.path.isfile(path) else None
+        actual = file_sha256(path) if os.path.isfile(path) else None
         if actual != rec["sha256"]:
             what = "was deleted" if actual is None else "was replaced since (another run with the same path?)"
             msg = (

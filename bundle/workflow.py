@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -12,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from bundle.utils.atomic import write_json_atomic
+from bundle.utils.atomic import file_sha256, write_json_atomic
 from bundle.utils.dist import unwrap
 
 logger = logging.getLogger(__name__)
@@ -63,11 +62,7 @@ def split_records(datalist: Mapping, split: str) -> list[dict]:
 
 def file_digest(path: str, n: int = 12) -> str:
     """Short sha256 of a file (the dataset digest logged with every run)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n]
+    return file_sha256(path)[:n]
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -7,12 +7,13 @@ Checkpoints do not record their architecture, so the config that trained them mu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
 
 import yaml
+
+from bundle.utils.atomic import file_sha256
 
 # bundle/deploy/model.py -> the bundle root (configs/, models/), wherever the app is started from
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -100,13 +101,9 @@ def model_identity(model_path: str) -> dict:
 
     with open(METADATA, encoding="utf-8") as f:
         meta = json.load(f)
-    digest = hashlib.sha256()
-    with open(model_path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
     return {
         "creator": str(meta.get("authors", "")),
         "name": str(meta.get("name", "model")),
         "version": str(meta.get("version", "")),
-        "uid": str(generate_uid(entropy_srcs=[digest.hexdigest()])),
+        "uid": str(generate_uid(entropy_srcs=[file_sha256(model_path)])),
     }

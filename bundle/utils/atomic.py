@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -33,6 +34,7 @@ __all__ = [
     "save_figure_atomic",
     "rows_to_csv",
     "read_json",
+    "file_sha256",
     "json_default",
     "TEMP_TAG",
     "temp_file_owner",
@@ -212,3 +214,12 @@ def remove_stale_temp_files(
         except FileNotFoundError:
             pass
     return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's content, read in 1 MiB blocks: the one digest of datalists, weights and checkpoints."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

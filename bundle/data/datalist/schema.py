@@ -14,7 +14,6 @@ when whole, rounded to 0.01 year otherwise).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -23,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from bundle.demographics import AGE_MAX, AGE_MIN, AGE_SCHEMES, age_groups, age_years, sex_label
+from bundle.utils.atomic import file_sha256
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -717,14 +717,10 @@ def _short(x, n: int = 80) -> str:
 
 
 def _sha256(path: str) -> str | None:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        return file_sha256(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def validate(
